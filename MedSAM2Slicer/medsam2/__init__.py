@@ -1,0 +1,34 @@
+"""MedSAM2 engine: SAM2 video tracking over volume slices with a self-sorting memory bank.
+
+Importing this package is cheap and needs neither torch nor sam2: the Slicer module imports it
+before those are installed (to offer the install dialog). Heavy modules load on first use.
+"""
+
+from importlib import import_module
+
+from .errors import CheckpointError, InputError, MedSAM2Error, ServerError, SessionExpired
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute); attribute None means the module itself
+_LAZY = {
+    "list_models": ("registry", "list_models"),
+    "load_model": ("model", "load_model"),
+    "connect": ("client", "connect"),
+    "testing": ("testing", None),
+}
+
+__all__ = [
+    "CheckpointError", "InputError", "MedSAM2Error", "ServerError", "SessionExpired",
+    "__version__", *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'medsam2' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = import_module(f".{module_name}", __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
