@@ -1,0 +1,149 @@
+"""Image-feature cache: every frame is encoded once per (volume, window, image size).
+
+The image encoder is ~90% of SAM2's cost, and it does not depend on prompts or memory, so clicks on
+a seen slice, corrections and re-propagation reuse cached features. To keep memory flat in the
+number of slices, only a bounded number of bytes stay in RAM (most recently used first); the rest
+spill losslessly to a session-scoped file on disk and are read back with plain file I/O (page cache,
+not process memory). Position encodings are identical for every frame, so one copy is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+DEFAULT_RAM_MB = float(os.environ.get("MEDSAM2_FEATURE_RAM_MB", "128"))
+
+_TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+class FeatureCache:
+    """Per-frame backbone outputs of one frame source.
+
+    `dtype` is the storage type: float32 keeps results bit-identical to recomputing; bfloat16 or
+    float16 halve the footprint (what the official predictor already does for memory features).
+    """
+
+    def __init__(self, ram_mb: float | None = None, dtype: torch.dtype = torch.float32, spill_dir=None):
+        self.ram_bytes = int((DEFAULT_RAM_MB if ram_mb is None else ram_mb) * 2**20)
+        self.dtype = dtype
+        self._spill_dir = spill_dir
+        self._ram: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self._ram_used = 0
+        self._on_disk: dict[int, int] = {}  # frame -> slot in the spill file
+        self._file = None
+        self._shapes = None  # shapes of the per-frame tensors (same for every frame)
+        self._record_bytes = 0
+        self._pos_enc = None  # shared vision position encodings
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    # -- public -----------------------------------------------------------------------------
+    def __contains__(self, frame: int) -> bool:
+        return frame in self._ram or frame in self._on_disk
+
+    def __len__(self) -> int:
+        return len(self._ram) + len(self._on_disk)
+
+    def get(self, frame: int, device) -> dict | None:
+        """The backbone output of `frame` on `device` in float32, or None if not cached."""
+        with self._lock:
+            if frame in self._ram:
+                self._ram.move_to_end(frame)
+                tensors = self._ram[frame]
+            elif frame in self._on_disk:
+                tensors = self._read_slot(self._on_disk[frame])
+            else:
+                self.misses += 1
+                return None
+            self.hits += 1
+            pos = self._pos_enc
+        fpn = [t.to(device=device, dtype=torch.float32) for t in tensors]
+        return {"backbone_fpn": fpn, "vision_pos_enc": [p.to(device) for p in pos]}
+
+    def put(self, frame: int, backbone_out: dict) -> None:
+        fpn = [t.detach() for t in backbone_out["backbone_fpn"]]
+        if fpn[0].shape[0] != 1:
+            raise ValueError("cache one frame at a time (batch size 1)")
+        with self._lock:
+            if self._pos_enc is None:
+                self._pos_enc = [p.detach()[:1].clone() for p in backbone_out["vision_pos_enc"]]
+                self._shapes = [tuple(t.shape) for t in fpn]
+                self._record_bytes = sum(int(np.prod(s)) for s in self._shapes) * self._itemsize()
+            stored = [t.to("cpu", self.dtype, copy=True) for t in fpn]
+            self._drop(frame)
+            self._ram[frame] = stored
+            self._ram_used += self._record_bytes
+            while self._ram_used > self.ram_bytes and len(self._ram) > 1:
+                old, tensors = self._ram.popitem(last=False)
+                self._ram_used -= self._record_bytes
+                self._write_slot(old, tensors)
+
+    def discard(self, frame: int) -> None:
+        with self._lock:
+            self._drop(frame)
+
+    def stats(self) -> dict:
+        return {"frames": len(self), "in_ram": len(self._ram), "on_disk": len(self._on_disk),
+                "ram_bytes": self._ram_used, "hits": self.hits, "misses": self.misses}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._ram.clear()
+            self._on_disk.clear()
+            self._ram_used = 0
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals --------------------------------------------------------------------------
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def _drop(self, frame: int) -> None:
+        if self._ram.pop(frame, None) is not None:
+            self._ram_used -= self._record_bytes
+        self._on_disk.pop(frame, None)  # its slot is simply reused later
+
+    def _write_slot(self, frame: int, tensors: list[torch.Tensor]) -> None:
+        if self._file is None:
+            # an unlinked temporary file: the OS frees it even if the process dies
+            self._file = tempfile.TemporaryFile(dir=self._spill_dir, prefix="medsam2-features-")
+        used = set(self._on_disk.values())
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        raw = b"".join(_as_bytes(t) for t in tensors)
+        os.pwrite(self._file.fileno(), raw, slot * self._record_bytes)
+        self._on_disk[frame] = slot
+
+    def _read_slot(self, slot: int) -> list[torch.Tensor]:
+        raw = os.pread(self._file.fileno(), self._record_bytes, slot * self._record_bytes)
+        out, offset = [], 0
+        for shape in self._shapes:
+            n = int(np.prod(shape))
+            nbytes = n * self._itemsize()
+            out.append(_from_bytes(raw[offset:offset + nbytes], shape, self.dtype))
+            offset += nbytes
+        return out
+
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: move the raw 16-bit words
+        return t.contiguous().view(torch.int16).numpy().tobytes()
+    return t.contiguous().numpy().tobytes()
+
+
+def _from_bytes(raw: bytes, shape, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.frombuffer(raw, np.int16).copy()).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(np.frombuffer(raw, _TORCH_TO_NUMPY[dtype]).copy()).reshape(shape)

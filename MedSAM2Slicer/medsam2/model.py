@@ -1,0 +1,118 @@
+"""A loaded model: the predictor, its weights' provenance, and sessions opened on volumes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+
+import torch
+
+from .errors import InputError
+from .features import FeatureCache
+from .frames import FrameSource
+from .memory_bank import BankParams
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("self-sorting", "sam2")
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this checkpoint was generated for tests and benchmarks; its masks are meaningless. "
+    "Load a registry model (medsam2 download NAME) for real segmentation."
+)
+
+
+def pick_device(device="auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' asked for, but this PyTorch has no CUDA GPU; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' asked for, but Apple MPS is not available here; use cpu or auto")
+    return dev
+
+
+class Model:
+    """What `load_model` returns. Thread-safe: one lock serialises use of the network."""
+
+    def __init__(self, predictor, name, image_size, device, checkpoint_path=None, weights_are_random=False, spec=None):
+        self.predictor = predictor
+        self.name = name
+        self.image_size = int(image_size)
+        self.device = torch.device(device)
+        self.checkpoint_path = checkpoint_path
+        self.weights_are_random = bool(weights_are_random)
+        self.spec = spec
+        self.lock = threading.RLock()
+        # sessions on the same frames (e.g. one per segment) share one feature cache
+        self._feature_caches = weakref.WeakValueDictionary()
+
+    def __repr__(self):
+        random = ", RANDOM WEIGHTS" if self.weights_are_random else ""
+        return f"Model({self.name!r}, image_size={self.image_size}, device={self.device}{random})"
+
+    def open(self, volume, memory="self-sorting", window=None, memory_bank=None, feature_cache_mb=None) -> Session:
+        """Open a session on a (slices, rows, cols) volume; frames run along axis 0.
+
+        memory: "self-sorting" (MedSAM-2's bank) or "sam2" (stock SAM2 memory).
+        window: (low, high) intensity window; None = the 0.5-99.5 percentiles of the volume.
+        memory_bank: BankParams or a dict of its fields (capacity, min_confidence, replace_margin,
+        read, temperature, seed) for the self-sorting bank.
+        """
+        if memory not in MEMORY_MODES:
+            raise InputError(f"memory must be one of {MEMORY_MODES}; got {memory!r}")
+        frames = FrameSource(volume, self.image_size, window)
+        bank_params = None
+        if memory == "self-sorting":
+            try:
+                bank_params = memory_bank if isinstance(memory_bank, BankParams) else BankParams(**(memory_bank or {}))
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"memory bank settings: {exc}") from None
+        elif memory_bank:
+            raise InputError("memory_bank settings apply only to memory='self-sorting'")
+        return Session(self, frames, self._feature_cache_for(frames, feature_cache_mb), bank_params)
+
+    def _feature_cache_for(self, frames: FrameSource, ram_mb=None) -> FeatureCache:
+        key = frames.fingerprint()
+        with self.lock:
+            cache = self._feature_caches.get(key)
+            if cache is None:
+                cache = FeatureCache(ram_mb=ram_mb)
+                self._feature_caches[key] = cache
+            return cache
+
+
+def load_model(name, checkpoint=None, device="auto", image_size=None) -> Model:
+    """Load a registry model: `checkpoint` is a local file, or None for the verified cached download.
+
+    image_size overrides the registry's input size (smaller is faster, at some cost in detail).
+    """
+    from . import checkpoints, registry
+    from .build import build_predictor
+
+    spec = registry.get_spec(name)
+    size = int(image_size or spec.image_size)
+    if size % 32 or size < 128:
+        raise InputError(f"image_size must be a multiple of 32 and at least 128; got {size}")
+    dev = pick_device(device)
+    path = checkpoints.resolve(name, checkpoint)
+    ckpt = checkpoints.read_checkpoint(path)
+    predictor = build_predictor(spec.config, size, "cpu", spec.hydra_overrides)
+    checkpoints.load_state_dict_strict(predictor, ckpt.state_dict, source=str(path))
+    predictor = predictor.to(dev).eval()
+    if ckpt.random_weights:
+        warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
+        log.warning(RANDOM_WEIGHTS_WARNING)
+    return Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec)

@@ -1,0 +1,176 @@
+"""The SAM2 video predictor with our two hooks: a feature cache and the self-sorting memory bank.
+
+Everything else (prompt encoding, mask decoding, memory encoding, the per-frame tracking step) is
+the official `sam2` code, which is why `memory="sam2"` reproduces the official predictor exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+from .memory_bank import MemoryEntry, SelfSortingMemoryBank, unit
+
+# Image descriptors are pooled to this grid so their size does not grow with the image size.
+DESCRIPTOR_GRID = 16
+BANK_KEY = "memory_bank"  # where a per-object bank lives inside that object's output dict
+
+
+class MedSAM2Predictor(SAM2VideoPredictor):
+    # -- image features ---------------------------------------------------------------------
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        cache = inference_state.get("feature_cache")
+        if cache is None:  # a plain official state: official behaviour
+            return super()._get_image_feature(inference_state, frame_idx, batch_size)
+        device = inference_state["device"]
+        backbone_out = cache.get(frame_idx, device)
+        if backbone_out is None:
+            image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            cache.put(frame_idx, backbone_out)
+        expanded = {
+            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+        }
+        # the first element (the input image) is unused by tracking; not kept in the cache
+        return (None,) + self._prepare_backbone_features(expanded)
+
+    def encode_frames(self, inference_state, frame_indices, batch_size=4):
+        """Encode frames ahead of tracking, in batches (the encoder does not depend on memory)."""
+        cache = inference_state["feature_cache"]
+        todo = [f for f in frame_indices if f not in cache]
+        device = inference_state["device"]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images = torch.stack([inference_state["images"][f] for f in chunk]).to(device).float()
+            out = self.forward_image(images)
+            for i, f in enumerate(chunk):
+                cache.put(f, {"backbone_fpn": [t[i:i + 1] for t in out["backbone_fpn"]],
+                              "vision_pos_enc": [p[i:i + 1] for p in out["vision_pos_enc"]]})
+
+    # -- objects ----------------------------------------------------------------------------
+    def _obj_id_to_idx(self, inference_state, obj_id):
+        obj_idx = super()._obj_id_to_idx(inference_state, obj_id)
+        params = inference_state.get("memory_bank_params")
+        out_dict = inference_state["output_dict_per_obj"][obj_idx]
+        if params is not None and BANK_KEY not in out_dict:
+            out_dict[BANK_KEY] = SelfSortingMemoryBank(params)
+        return obj_idx
+
+    # -- confidence of each tracked frame ---------------------------------------------------
+    def _track_step(self, *args, **kwargs):
+        current_out, sam_outputs, high_res_features, pix_feat = super()._track_step(*args, **kwargs)
+        ious, object_score_logits = sam_outputs[2], sam_outputs[6]
+        # the chosen mask is the best-scoring one (multimask) or the only one: its IoU is the max
+        iou = ious.max(dim=-1).values
+        self._last_confidence = torch.where(object_score_logits[:, 0] > 0, iou, torch.zeros_like(iou))
+        return current_out, sam_outputs, high_res_features, pix_feat
+
+    def _run_single_frame_inference(self, inference_state, output_dict, frame_idx, batch_size,
+                                    is_init_cond_frame, point_inputs, mask_inputs, reverse,
+                                    run_mem_encoder, prev_sam_mask_logits=None):
+        compact_out, pred_masks = super()._run_single_frame_inference(
+            inference_state, output_dict, frame_idx, batch_size, is_init_cond_frame, point_inputs,
+            mask_inputs, reverse, run_mem_encoder, prev_sam_mask_logits)
+        bank = output_dict.get(BANK_KEY)
+        tracked = run_mem_encoder and point_inputs is None and mask_inputs is None and not is_init_cond_frame
+        if bank is not None and tracked and compact_out["maskmem_features"] is not None:
+            feats = self._get_image_feature(inference_state, frame_idx, 1)[2]
+            bank.admit(MemoryEntry(
+                frame=frame_idx,
+                confidence=float(self._last_confidence[0]),
+                memory_descriptor=unit(compact_out["maskmem_features"]),
+                image_descriptor=self._image_descriptor(feats[-1]),
+                payload={"maskmem_features": compact_out["maskmem_features"],
+                         "maskmem_pos_enc": compact_out["maskmem_pos_enc"],
+                         "obj_ptr": compact_out["obj_ptr"]},
+            ))
+        return compact_out, pred_masks
+
+    def _image_descriptor(self, top_level_feat):
+        """Pooled, unit-length image embedding from the (HW, B, C) top-level feature."""
+        hw, _, c = top_level_feat.shape
+        side = int(round(hw ** 0.5))
+        grid = top_level_feat[:, :1].permute(1, 2, 0).reshape(1, c, side, hw // side)
+        pooled = F.adaptive_avg_pool2d(grid.float(), DESCRIPTOR_GRID)
+        return unit(pooled.cpu())
+
+    # -- which memories a frame attends to --------------------------------------------------
+    def _prepare_memory_conditioned_features(self, frame_idx, is_init_cond_frame, current_vision_feats,
+                                             current_vision_pos_embeds, feat_sizes, output_dict,
+                                             num_frames, track_in_reverse=False):
+        bank = output_dict.get(BANK_KEY)
+        if bank is None or is_init_cond_frame or self.num_maskmem == 0:
+            return super()._prepare_memory_conditioned_features(
+                frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
+                feat_sizes, output_dict, num_frames, track_in_reverse)
+        return self._self_sorting_memory_features(
+            bank, frame_idx, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+            output_dict, num_frames, track_in_reverse)
+
+    def _self_sorting_memory_features(self, bank, frame_idx, current_vision_feats,
+                                      current_vision_pos_embeds, feat_sizes, output_dict,
+                                      num_frames, track_in_reverse):
+        """Conditioning frames as in SAM2, plus the bank entries most similar to this frame.
+
+        Temporal position slots are given by similarity rank: the most similar entry takes the slot
+        SAM2 gives the previous frame (t_pos = num_maskmem - 1), the next one the slot before, and
+        so on. Object pointers: conditioning frames at their signed slice distance (as SAM2), bank
+        entries at distance rank + 1.
+        """
+        B = current_vision_feats[-1].size(1)
+        C = self.hidden_dim
+        H, W = feat_sizes[-1]
+        device = current_vision_feats[-1].device
+
+        cond_outputs = output_dict["cond_frame_outputs"]
+        selected_cond, _ = select_closest_cond_frames(frame_idx, cond_outputs, self.max_cond_frames_in_attn)
+        recalled = bank.read(self._image_descriptor(current_vision_feats[-1]), self.num_maskmem - 1)
+
+        memories = [(0, out) for out in selected_cond.values()]
+        memories += [(self.num_maskmem - 1 - rank, entry.payload) for rank, entry in enumerate(recalled)]
+        to_cat_memory, to_cat_pos = [], []
+        for t_pos, mem in memories:
+            feats = mem["maskmem_features"].to(device, non_blocking=True)
+            to_cat_memory.append(feats.flatten(2).permute(2, 0, 1))
+            pos = mem["maskmem_pos_enc"][-1].to(device).flatten(2).permute(2, 0, 1)
+            to_cat_pos.append(pos + self.maskmem_tpos_enc[self.num_maskmem - t_pos - 1])
+
+        num_obj_ptr_tokens = 0
+        if self.use_obj_ptrs_in_encoder:
+            max_ptrs = min(num_frames, self.max_obj_ptrs_in_encoder)
+            sign = -1 if track_in_reverse else 1
+            past_cond = {t: o for t, o in selected_cond.items()
+                         if not self.only_obj_ptrs_in_the_past_for_eval
+                         or (t >= frame_idx if track_in_reverse else t <= frame_idx)}
+            pos_and_ptrs = [((frame_idx - t) * sign if self.use_signed_tpos_enc_to_obj_ptrs
+                             else abs(frame_idx - t), o["obj_ptr"]) for t, o in past_cond.items()]
+            pos_and_ptrs += [(rank + 1, e.payload["obj_ptr"]) for rank, e in enumerate(recalled)][: max_ptrs - 1]
+            if pos_and_ptrs:
+                pos_list, ptr_list = zip(*pos_and_ptrs)
+                obj_ptrs = torch.stack(ptr_list, dim=0)
+                if self.add_tpos_enc_to_obj_ptrs:
+                    tpos_dim = C if self.proj_tpos_enc_in_obj_ptrs else self.mem_dim
+                    obj_pos = torch.tensor(pos_list, device=device)
+                    obj_pos = get_1d_sine_pe(obj_pos / (max_ptrs - 1), dim=tpos_dim)
+                    obj_pos = self.obj_ptr_tpos_proj(obj_pos).unsqueeze(1).expand(-1, B, self.mem_dim)
+                else:
+                    obj_pos = obj_ptrs.new_zeros(len(pos_list), B, self.mem_dim)
+                if self.mem_dim < C:  # a pointer is split into C // mem_dim memory tokens
+                    obj_ptrs = obj_ptrs.reshape(-1, B, C // self.mem_dim, self.mem_dim)
+                    obj_ptrs = obj_ptrs.permute(0, 2, 1, 3).flatten(0, 1)
+                    obj_pos = obj_pos.repeat_interleave(C // self.mem_dim, dim=0)
+                to_cat_memory.append(obj_ptrs)
+                to_cat_pos.append(obj_pos)
+                num_obj_ptr_tokens = obj_ptrs.shape[0]
+
+        pix_feat = self.memory_attention(
+            curr=current_vision_feats,
+            curr_pos=current_vision_pos_embeds,
+            memory=torch.cat(to_cat_memory, dim=0),
+            memory_pos=torch.cat(to_cat_pos, dim=0),
+            num_obj_ptr_tokens=num_obj_ptr_tokens,
+        )
+        return pix_feat.permute(1, 2, 0).view(B, C, H, W)
