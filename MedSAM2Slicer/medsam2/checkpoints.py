@@ -1,0 +1,520 @@
+"""Checkpoint cache: download (resumable, verified, atomic), pinning, reading and strict loading.
+
+Layout of the cache (`cache_dir()`, or `$MEDSAM2_CACHE_DIR`):
+
+    checkpoints/<file>        verified registry files
+    checkpoints/<file>.part   an unfinished download, resumed with an HTTP Range request
+    pins.json                 sha256 recorded on first download of files with no published checksum
+
+Downloading needs only the standard library (urllib) and tqdm, and torch is imported only to read
+a checkpoint, so the Slicer module can fetch weights before torch is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+from .errors import CheckpointError, InputError
+from .registry import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+PINS_FILE = "pins.json"
+_ENV = "MEDSAM2_CACHE_DIR"
+
+
+# --------------------------------------------------------------------------------------- paths
+
+def cache_dir() -> Path:
+    """`$MEDSAM2_CACHE_DIR` if set, else the user cache dir for "medsam2" (not created here)."""
+    env = os.environ.get(_ENV)
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # a bare Slicer Python before install; same place platformdirs uses on Linux
+        return Path.home() / ".cache" / "medsam2"
+    return Path(user_cache_dir("medsam2", appauthor=False))
+
+
+def checkpoints_dir() -> Path:
+    return cache_dir() / "checkpoints"
+
+
+def cached_path(name) -> Path:
+    """Where the registry file for `name` lives in the cache (it may not exist yet)."""
+    return checkpoints_dir() / get_spec(name).filename
+
+
+def sha256_file(path, chunk_size: int = CHUNK_SIZE) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- pins
+
+def _pins_path() -> Path:
+    return cache_dir() / PINS_FILE
+
+
+def read_pins() -> dict:
+    """{name: {"sha256", "size", "url", "filename", "pinned"}} for files pinned on first download."""
+    path = _pins_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        pins = data.get("pins", {})
+        if not isinstance(pins, dict):
+            raise ValueError("'pins' is not an object")
+        return pins
+    except (OSError, ValueError) as exc:
+        # An unreadable pin file must not silently disable verification.
+        raise CheckpointError(
+            f"cannot read the checksum pins in {path} ({exc}); fix or delete that file "
+            "(deleting it re-pins each cached file on its next use)"
+        ) from exc
+
+
+def pinned_sha256(name) -> str | None:
+    pin = read_pins().get(get_spec(name).name)
+    return pin.get("sha256") if pin else None
+
+
+def _write_pin(spec: ModelSpec, sha256: str, url: str, size: int) -> None:
+    pins = read_pins()
+    pins[spec.name] = {
+        "sha256": sha256,
+        "size": size,
+        "url": url,
+        "filename": spec.filename,
+        "pinned": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = _pins_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename so a crash never leaves a half-written pin file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pins.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "pins": pins}, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.warning(
+        "%s has no published sha256; pinned it on first download: sha256 %s (%d bytes, from %s). "
+        "Every later load checks this hash (pins in %s).", spec.filename, sha256, size, url, path,
+    )
+
+
+def expected_sha256(name) -> tuple[str | None, str]:
+    """(sha256, where it comes from): the registry's published hash, else the pin, else None."""
+    spec = get_spec(name)
+    if spec.sha256:
+        return spec.sha256.lower(), f"published ({spec.sha256_source or 'registry'})"
+    pinned = pinned_sha256(spec)
+    if pinned:
+        return pinned, f"pinned on first download in {_pins_path()}"
+    return None, "unknown"
+
+
+# ---------------------------------------------------------------------------------- verification
+
+def verify_file(name, path, *, pin_if_unknown: bool = True) -> str:
+    """Check `path` against `name`'s size and sha256 (published or pinned); return its sha256.
+
+    A file with no known hash is pinned now (when `pin_if_unknown`). Raises CheckpointError on a
+    mismatch, naming the file, both hashes and the command that replaces it.
+    """
+    spec = get_spec(name)
+    path = Path(path)
+    fix = f"delete it and download it again: `medsam2 download {spec.name} --force`"
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise CheckpointError(
+            f"{path} is {size} bytes but {spec.name} is {spec.size} bytes: the file is truncated "
+            f"or not {spec.filename}; {fix}"
+        )
+    actual = sha256_file(path)
+    expected, origin = expected_sha256(spec)
+    if expected is None:
+        if pin_if_unknown:
+            _write_pin(spec, actual, spec.url, size)
+        return actual
+    if actual != expected:
+        hint = ""
+        if origin.startswith("pinned"):
+            hint = (" If the upstream file was deliberately updated, `--force` downloads it again "
+                    "and re-pins it.")
+        raise CheckpointError(
+            f"{path} does not match {spec.name}: sha256 {actual}, expected {expected} "
+            f"({origin}). The file is corrupt or was changed; {fix}.{hint}"
+        )
+    return actual
+
+
+# ------------------------------------------------------------------------------------- download
+
+class _Interrupted(Exception):
+    """The transfer stopped before the end; the .part file holds what arrived."""
+
+
+def _content_range(value):
+    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000); else (None, None)."""
+    m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", value or "")
+    if not m:
+        return None, None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return start, total
+
+
+def _int_header(headers, key):
+    try:
+        return int(headers.get(key))
+    except (TypeError, ValueError):
+        return None
+
+
+def _open(url, offset, timeout):
+    req = Request(url, headers={"User-Agent": "medsam2-slicer", "Accept-Encoding": "identity"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    return urlopen(req, timeout=timeout)
+
+
+def _fetch(spec, url, part: Path, *, progress, cancel, on_progress, chunk_size, timeout):
+    """Append the rest of `url` to `part` (or restart it if the server ignores Range)."""
+    offset = part.stat().st_size if part.exists() else 0
+    if spec.size is not None and offset > spec.size:
+        part.unlink()
+        offset = 0
+    if spec.size is not None and offset == spec.size and offset:
+        return  # finished earlier, but not yet verified and moved
+    try:
+        resp = _open(url, offset, timeout)
+    except HTTPError as exc:
+        if exc.code == 416 and offset:
+            # Range past the end: the .part is complete, or it belongs to another file.
+            _, total = _content_range(exc.headers.get("Content-Range"))
+            if total == offset:
+                return
+            part.unlink()
+            return _fetch(spec, url, part, progress=progress, cancel=cancel,
+                          on_progress=on_progress, chunk_size=chunk_size, timeout=timeout)
+        raise CheckpointError(
+            f"downloading {spec.name} from {url} failed: HTTP {exc.code} {exc.reason}"
+        ) from exc
+    except (URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CheckpointError(
+            f"cannot reach {url} to download {spec.name} ({reason}). Check the network, or "
+            "download the file yourself and pass it with --checkpoint FILE"
+        ) from exc
+
+    with resp:
+        status = getattr(resp, "status", 200)
+        if offset and status == 206:
+            start, total = _content_range(resp.headers.get("Content-Range"))
+            if start != offset:
+                resp.close()
+                part.unlink()
+                return _fetch(spec, url, part, progress=progress, cancel=cancel,
+                              on_progress=on_progress, chunk_size=chunk_size, timeout=timeout)
+            mode = "ab"
+        else:
+            if offset:
+                log.info("%s ignored the Range request; restarting %s from the start",
+                         url, spec.filename)
+            offset, mode = 0, "wb"
+            total = _int_header(resp.headers, "Content-Length")
+        if total is None:
+            total = spec.size
+        if spec.size is not None and total is not None and total != spec.size:
+            raise CheckpointError(
+                f"{url} serves {total} bytes but {spec.name} ({spec.filename}) is {spec.size} "
+                "bytes; this is not the expected file (check --url)"
+            )
+
+        done = offset
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                       unit_divisor=1024, desc=spec.filename, file=sys.stderr, leave=True)
+        try:
+            with open(part, mode) as f:
+                while True:
+                    if cancel is not None and cancel.is_set():
+                        raise CheckpointError(
+                            f"download cancelled: {done} of {total or '?'} bytes of "
+                            f"{spec.filename} kept in {part}; download again to resume"
+                        )
+                    try:
+                        block = resp.read(chunk_size)
+                    except (http.client.HTTPException, OSError) as exc:
+                        raise _Interrupted(f"{done} of {total or '?'} bytes: {exc}") from exc
+                    if not block:
+                        break
+                    f.write(block)
+                    done += len(block)
+                    if bar is not None:
+                        bar.update(len(block))
+                    if on_progress is not None:
+                        on_progress(done, total)
+        finally:
+            if bar is not None:
+                bar.close()
+        if total is not None and done < total:
+            raise _Interrupted(f"connection closed after {done} of {total} bytes")
+
+
+def download(name_or_spec, url=None, dest_dir=None, progress=True, cancel=None, on_progress=None,
+             *, force=False, retries=3, chunk_size=CHUNK_SIZE, timeout=60.0) -> Path:
+    """Download a registry checkpoint into the cache, verify it, and return its path.
+
+    name_or_spec: registry name (or file name) or a ModelSpec.
+    url: overrides the registry URL (a mirror, or a loopback server in tests).
+    dest_dir: folder for the file (default `cache_dir()/checkpoints`).
+    progress: show a tqdm bar on stderr.
+    cancel: a threading.Event checked before every chunk; when set, raises CheckpointError
+        ("download cancelled") and keeps `<file>.part`, so the next call resumes.
+    on_progress(done_bytes, total_bytes): called after every chunk; total_bytes is None when
+        neither the server nor the registry states the size.
+    force: download again even if a verified file is there, and re-pin a file with no
+        published checksum.
+    retries: how many times an interrupted transfer is resumed before giving up.
+
+    The data streams into `<file>.part` (resumed with an HTTP Range request when it exists;
+    restarted if the server ignores Range), then its size and sha256 are checked against the
+    registry, or against the pin recorded on the first download; a file with neither is pinned
+    now. Only a verified file is moved (os.replace, atomic) to its final name, so a partial or
+    wrong file never appears there. A wrong hash deletes the download and raises CheckpointError.
+    """
+    spec = get_spec(name_or_spec)
+    src = url or spec.url
+    folder = Path(dest_dir) if dest_dir is not None else checkpoints_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / spec.filename
+    part = folder / (spec.filename + ".part")
+
+    if force:
+        part.unlink(missing_ok=True)
+    elif dest.is_file():
+        try:
+            verify_file(spec, dest)
+            return dest
+        except CheckpointError as exc:
+            log.warning("%s; downloading it again", exc)
+
+    expected, origin = (spec.sha256.lower(), "published") if spec.sha256 else (None, "")
+    if expected is None and not force:
+        expected = pinned_sha256(spec)
+        origin = "pinned on first download" if expected else ""
+
+    attempt = 0
+    while True:
+        try:
+            _fetch(spec, src, part, progress=progress, cancel=cancel, on_progress=on_progress,
+                   chunk_size=chunk_size, timeout=timeout)
+            break
+        except _Interrupted as exc:
+            attempt += 1
+            if attempt > retries:
+                raise CheckpointError(
+                    f"download of {spec.filename} from {src} was interrupted ({exc}); the "
+                    f"partial file {part} is kept: run the download again to resume it"
+                ) from exc
+            log.warning("download of %s interrupted (%s); resuming (try %d of %d)",
+                        spec.filename, exc, attempt, retries)
+            time.sleep(min(2.0 ** (attempt - 1), 10.0) * 0.5)
+
+    size = part.stat().st_size
+    if spec.size is not None and size != spec.size:
+        part.unlink()
+        raise CheckpointError(
+            f"downloaded {size} bytes from {src} but {spec.name} is {spec.size} bytes; the "
+            "download was deleted. Check --url and try again"
+        )
+    actual = sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink()
+        raise CheckpointError(
+            f"the file downloaded from {src} does not match {spec.name}: sha256 {actual}, "
+            f"expected {expected} ({origin}). The download was deleted. Check --url; "
+            + ("if the upstream file was deliberately updated, `medsam2 download "
+               f"{spec.name} --force` re-pins it." if origin.startswith("pinned") else
+               "if this repeats, the server is not serving the official file.")
+        )
+    with open(part, "rb+") as f:  # make the data durable before the rename publishes it
+        os.fsync(f.fileno())
+    if expected is None:
+        _write_pin(spec, actual, src, size)
+    os.replace(part, dest)
+    return dest
+
+
+# -------------------------------------------------------------------------------------- resolve
+
+def resolve(name, checkpoint=None, download_if_missing=True, **download_kw) -> Path:
+    """The checkpoint file to load for `name`.
+
+    checkpoint: an explicit local file (a fine-tune, an offline copy); it must exist and is used
+        as is (InputError otherwise).
+    Otherwise the cached registry file, verified against its published or pinned sha256 (a
+    mismatch raises CheckpointError), or, when missing and `download_if_missing`, a download.
+    """
+    if checkpoint is not None and str(checkpoint) != "":
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise InputError(
+                f"checkpoint file {path} does not exist or is not a file; pass an existing "
+                f".pt/.pth file, or leave the checkpoint out to use the registry's {name}"
+            )
+        return path.resolve()
+    spec = get_spec(name)
+    dest = Path(download_kw["dest_dir"]) / spec.filename if download_kw.get("dest_dir") \
+        else checkpoints_dir() / spec.filename
+    if dest.is_file():
+        verify_file(spec, dest)
+        return dest
+    if not download_if_missing:
+        raise CheckpointError(
+            f"{spec.name} is not downloaded yet ({dest} is missing): run "
+            f"`medsam2 download {spec.name}` or pass a local file with --checkpoint"
+        )
+    return download(spec, **download_kw)
+
+
+# ---------------------------------------------------------------------------------------- read
+
+@dataclass
+class Checkpoint:
+    state_dict: dict
+    random_weights: bool
+    path: Path
+    sha256: str | None = None
+
+
+def read_checkpoint(path, sha256=None) -> Checkpoint:
+    """Read an official-format checkpoint `{"model": state_dict}` on the CPU.
+
+    Uses `torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary
+    pickled code. A truncated, corrupt or non-PyTorch file, or one without a "model" state dict,
+    raises CheckpointError naming the file and what to do. Files written by
+    `medsam2.testing.write_random_checkpoint` carry `"medsam2_random_weights": True`.
+    """
+    import torch
+
+    path = Path(path)
+    fix = ("delete it and download it again (`medsam2 download NAME --force`), or pass a good "
+           "file with --checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle, EOF and key errors all mean "not a good file"
+        text = str(exc)
+        detail = (text.strip().splitlines() or [""])[0][:200]
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:  # a real pickle, but with Python objects we refuse to unpickle
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors ({found.group(1)}), which are not "
+                "loaded for safety. Re-save only the weights: "
+                "torch.save({'model': state_dict}, path)"
+            ) from exc
+        if "WeightsUnpickler error:" in text:  # the unpickler's reason, not its long preamble
+            detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch file "
+            f"({type(exc).__name__}: {detail}); {fix}"
+        ) from exc
+    if not isinstance(obj, dict) or "model" not in obj:
+        what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) \
+            else f"a {type(obj).__name__}"
+        raise CheckpointError(
+            f"{path} is {what}, not a SAM2 checkpoint {{'model': state_dict}}. If it is a bare "
+            "state dict, re-save it with torch.save({'model': state_dict}, path)"
+        )
+    state = obj["model"]
+    bad = [] if isinstance(state, dict) else [type(state).__name__]
+    if not bad:
+        bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
+    if bad or not state:
+        raise CheckpointError(
+            f"{path}: 'model' is not a state dict of tensors"
+            + (f" (non-tensor entries: {', '.join(bad)})" if bad else " (it is empty)")
+            + f"; {fix}"
+        )
+    return Checkpoint(
+        state_dict=dict(state),
+        random_weights=bool(obj.get("medsam2_random_weights", False)),
+        path=path,
+        sha256=sha256,
+    )
+
+
+def load_checkpoint(name, checkpoint=None, **resolve_kw) -> Checkpoint:
+    """resolve() then read_checkpoint(); `sha256` is filled for verified registry files."""
+    path = resolve(name, checkpoint, **resolve_kw)
+    sha = None
+    if checkpoint is None or str(checkpoint) == "":
+        sha = expected_sha256(name)[0]
+    return read_checkpoint(path, sha256=sha)
+
+
+def load_state_dict_strict(module, state_dict, source) -> None:
+    """Load `state_dict` into `module`; any missing, unexpected or mis-shaped key is an error.
+
+    Keys and shapes are compared before anything is copied, so a mismatch leaves `module`
+    untouched. The CheckpointError lists up to 10 keys of each kind with the counts.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and hasattr(state_dict[k], "shape")
+        and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or mis_shaped):
+        result = module.load_state_dict(state_dict, strict=False)
+        # Modules with load hooks can still report keys; those are errors too.
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        if not (missing or unexpected):
+            return
+    model = type(module).__name__
+
+    def part(label, keys):
+        if not keys:
+            return ""
+        more = f", ... ({len(keys) - 10} more)" if len(keys) > 10 else ""
+        return f"\n  {len(keys)} {label}: {', '.join(keys[:10])}{more}"
+
+    raise CheckpointError(
+        f"{source} does not fit {model}:"
+        + part("missing keys", missing)
+        + part("unexpected keys", unexpected)
+        + part("shape mismatches (checkpoint vs model)", mis_shaped)
+        + "\nIs it a checkpoint of this model and size (e.g. a SAM 2.1 tiny file needs "
+        "--model sam2.1_hiera_tiny, MedSAM2 files need a medsam2_* model)?"
+    )
