@@ -208,7 +208,7 @@ def test_3d_roi_becomes_a_box_on_its_centre_slice_clipped_to_the_image(tmp_path,
     path = _write(tmp_path / "tumour.mrk.json", {"markups": [roi]})
     (fp,) = to_frame_prompts(read_prompts(path), vol, 0)
     assert fp.frame == 5 and fp.points is None
-    np.testing.assert_allclose(fp.box, [3.0, 0.0, 13.0, 15.0])
+    np.testing.assert_allclose(fp.box, [3.0, -0.5, 13.0, 15.5])  # j clipped to the pixels' edges
 
 
 def test_markups_and_json_objects_merge_by_name_and_get_free_ids(tmp_path, volume):

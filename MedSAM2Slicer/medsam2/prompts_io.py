@@ -357,8 +357,7 @@ def to_frame_prompts(objects, volume, axis):
             _check_inside(volume, ijk, (0, 1, 2), p.where)
             f, x, y = index_to_frame_pixel(ijk, axis)
             s = slot(obj.id, _frame_number(f[0]))
-            # within half a voxel of the edge is inside the image; the engine wants pixel centres
-            s["points"].append((min(max(x[0], 0.0), cols - 1.0), min(max(y[0], 0.0), rows - 1.0)))
+            s["points"].append((x[0], y[0]))
             s["labels"].append(p.label)
         for b in obj.boxes:
             corners = _index(volume, b.system, b.corners)
@@ -377,7 +376,8 @@ def to_frame_prompts(objects, volume, axis):
                 _check_inside(volume, center, (0, 1, 2), f"{b.where} (its centre)")
                 frame = _frame_number(index_to_frame_pixel(center, axis)[0][0])
                 _, x, y = index_to_frame_pixel(corners, axis)
-            box = np.array([max(x.min(), 0.0), max(y.min(), 0.0), min(x.max(), cols - 1.0), min(y.max(), rows - 1.0)])
+            # a pixel covers [-0.5, n - 0.5) around its centre: clip an ROI overhanging the image to that
+            box = np.array([max(x.min(), -0.5), max(y.min(), -0.5), min(x.max(), cols - 0.5), min(y.max(), rows - 0.5)])
             s = slot(obj.id, frame)
             if s["box"] is not None:
                 raise InputError(f"{b.where} is a second box for object {obj.name!r} on {letter} = {frame} "

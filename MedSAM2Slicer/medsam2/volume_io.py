@@ -7,7 +7,7 @@ segmentation lands on exactly the voxels it was computed on.
 
 Writing: a Slicer `.seg.nrrd` (slicerio; one segment per object with its name and colour,
 overlapping objects go to separate layers as Slicer stores them) or a label map (`.nii.gz`,
-`.nii`, `.nrrd`, `.mha`, `.mhd`) through SimpleITK. Files are written to a temporary name next to
+`.nii`, `.nrrd`, `.mha`) through SimpleITK. Files are written to a temporary name next to
 the target and renamed into place, so an interrupted run never leaves half a file, and an
 existing file is replaced only when the caller says so.
 """
@@ -29,7 +29,7 @@ PALETTE = [
     (0, 151, 206),
 ]
 
-LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats: written atomically
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 
 
@@ -95,7 +95,8 @@ def _from_image(image, source):
             f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per voxel (colour or "
             "vector image); medsam2 segment needs a scalar (grey-level) volume")
     if image.GetDimension() != 3:
-        raise InputError(f"{source}: is a {image.GetDimension()}D image; medsam2 segment needs a 3D volume")
+        hint = " (one DICOM slice? give the folder holding the whole series)" if image.GetDimension() == 2 else ""
+        raise InputError(f"{source}: is a {image.GetDimension()}D image; medsam2 segment needs a 3D volume{hint}")
     if min(image.GetSize()) < 1:
         raise InputError(f"{source}: the image is empty (size {image.GetSize()})")
     return Volume(
@@ -209,9 +210,6 @@ def write_labelmap(path, labels, volume, overwrite=False):
     """Write a label volume ((k, j, i), 0 = background) on `volume`'s geometry with SimpleITK."""
     import SimpleITK as sitk
 
-    if os.fspath(path).lower().endswith(".nhdr") or os.fspath(path).lower().endswith(".mhd"):
-        # header + separate data file: the rename below would orphan the data file
-        raise InputError(f"{path}: detached-header formats are not written; use .nrrd, .mha or .nii.gz")
     labels = np.asarray(labels)
     top = int(labels.max()) if labels.size else 0
     if labels.min(initial=0) < 0 or top > 65535:

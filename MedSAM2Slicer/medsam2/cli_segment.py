@@ -1,0 +1,113 @@
+"""`medsam2 segment`: segment a volume from prompt files and write a .seg.nrrd or a label map.
+
+Everything that can be wrong with the inputs (image, prompts, output path) is checked before the
+model loads, so a typo costs seconds, not a propagation.
+"""
+
+import os
+import sys
+import time
+import warnings
+
+DEFAULT_MODEL = "medsam2_latest"
+
+
+def add_arguments(p):
+    p.add_argument("image", metavar="IMAGE",
+                   help="3D image: NIfTI (.nii/.nii.gz), NRRD, MHA/MHD file, or a folder holding a DICOM series")
+    p.add_argument("--prompts", "-p", required=True, nargs="+", metavar="PROMPTS",
+                   help="prompts .json (see docs/cli.md) and/or Slicer markups .mrk.json files (point lists, ROIs)")
+    p.add_argument("--output", "-o", required=True, metavar="OUT",
+                   help="output: .seg.nrrd (Slicer segmentation, named segments) or .nii.gz/.nii/.nrrd/.mha label map")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry model name (see `medsam2 models`; default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="compute device (auto: cuda, then mps, then cpu)")
+    p.add_argument("--memory", default="self-sorting", choices=("self-sorting", "sam2"),
+                   help="memory bank: MedSAM-2's self-sorting bank (default) or stock SAM2 memory")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
+                   help="numpy axis of the (k, j, i) voxel array to propagate along: 0 = slices k (default; "
+                        "axial for an axial scan), 1 = rows j, 2 = columns i")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="model input size in pixels (default: the model's own; smaller is faster, for tests)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run(args):
+    from . import prompts_io, volume_io
+    from .errors import InputError
+
+    # 1. inputs, before anything slow
+    kind = volume_io.check_output_path(args.output, args.overwrite)
+    if args.window is not None and not args.window[0] < args.window[1]:
+        raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    volume = volume_io.read_volume(args.image, series=args.series)
+    objects = prompts_io.read_prompts(args.prompts)
+    frame_prompts = prompts_io.to_frame_prompts(objects, volume, args.axis)
+    frames = volume_io.to_frames(volume.array, args.axis)
+    _say(f"{volume.source}: {volume.size[0]}x{volume.size[1]}x{volume.size[2]} voxels; "
+         f"{len(objects)} object(s), {len(frame_prompts)} prompted frame(s); {frames.shape[0]} frames along axis {args.axis}")
+
+    # 2. model and session
+    import medsam2
+
+    with warnings.catch_warnings():  # the random-weights warning is shown below, as a banner
+        warnings.simplefilter("ignore")
+        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                                   image_size=args.image_size)
+    if getattr(model, "weights_are_random", False):
+        _say("*" * 72 + "\nRANDOM WEIGHTS: results are meaningless (this checkpoint is a test file, not a trained model)\n"
+             + "*" * 72)
+    session = model.open(frames, memory=args.memory, window=tuple(args.window) if args.window else None)
+    for fp in frame_prompts:
+        session.add_prompt(fp.frame, obj_id=fp.obj_id, points=fp.points, labels=fp.labels, box=fp.box)
+
+    # 3. propagate: forward from the first prompted frame to the end, then back from it to frame 0
+    started = time.perf_counter()
+    bar = _progress(frames.shape[0] + 1)
+    try:
+        for _frame, _masks in session.propagate(direction="both"):
+            bar.update(1)
+    finally:
+        bar.close()
+
+    # 4. write
+    results = []
+    for index, obj in enumerate(objects):
+        mask = volume_io.from_frames(session.mask(obj.id), args.axis)
+        results.append((obj, index, mask))
+    if kind == "segmentation":
+        volume_io.write_segmentation(args.output, [
+            {"name": obj.name, "color": obj.color or volume_io.palette_color(index), "mask": mask}
+            for obj, index, mask in results], volume, overwrite=args.overwrite)
+    else:
+        import numpy as np
+
+        labels = np.zeros(volume.array.shape, np.uint16)
+        for obj, _index, mask in results:  # later objects win where objects overlap
+            labels[mask] = obj.id
+        volume_io.write_labelmap(args.output, labels, volume, overwrite=args.overwrite)
+
+    voxel_ml = float(volume.spacing[0] * volume.spacing[1] * volume.spacing[2]) / 1000.0
+    print(f"wrote {args.output} ({time.perf_counter() - started:.1f} s propagation)")
+    for obj, _index, mask in results:
+        count = int(mask.sum())
+        note = "  (empty)" if count == 0 else ""
+        print(f"  {obj.id:>3} {obj.name}: {count} voxels, {count * voxel_ml:.1f} mL{note}")
+    return 0
+
+
+def _say(text):
+    print(text, file=sys.stderr)
+
+
+def _progress(total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", desc="propagating", file=sys.stderr, dynamic_ncols=True)
