@@ -13,12 +13,30 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from .memory_bank import MemoryEntry, SelfSortingMemoryBank, unit
 
+def _memory_in_input_dtype(module, args, kwargs):
+    """Stored memories are bfloat16 (as in the official predictor). Without autocast, a memory made
+    only of them (an object whose sole prompt lies ahead of the frame: no float32 object pointer
+    to promote the concatenation) would crash the float32 attention on CPU, in the official code too.
+    Upcasting is exact, so results equal the official ones wherever those run."""
+    curr = kwargs.get("curr")
+    dtype = (curr[0] if isinstance(curr, (list, tuple)) else curr).dtype
+    for key in ("memory", "memory_pos"):
+        value = kwargs.get(key)
+        if value is not None and value.dtype != dtype and not torch.is_autocast_enabled(value.device.type):
+            kwargs[key] = value.to(dtype)
+    return args, kwargs
+
+
 # Image descriptors are pooled to this grid so their size does not grow with the image size.
 DESCRIPTOR_GRID = 16
 BANK_KEY = "memory_bank"  # where a per-object bank lives inside that object's output dict
 
 
 class MedSAM2Predictor(SAM2VideoPredictor):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_attention.register_forward_pre_hook(_memory_in_input_dtype, with_kwargs=True)
+
     # -- image features ---------------------------------------------------------------------
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
         cache = inference_state.get("feature_cache")
