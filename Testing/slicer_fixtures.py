@@ -1,0 +1,183 @@
+"""Real slicer-core scenes for the adapter tests, and a recorder around the real engine.
+
+Nothing here imitates Slicer: scenes, volumes, segmentations and transforms are the real MRML
+classes of the slicer-core wheel. `RecordingModel` wraps the real engine model only to note
+what the adapter sends it (the engine still does all the work).
+"""
+
+import numpy as np
+
+
+def new_scene():
+    """A bare MRML scene with the Segmentations logic registered (as Slicer's startup does)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    scene._medsam2_keep = logic  # keep the logic alive as long as the scene
+    return scene
+
+
+def matrix4(rotation=np.eye(3), spacing=(1, 1, 1), origin=(0, 0, 0)):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(rotation, float) @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def rotation(axis, degrees):
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def to_vtk(m):
+    import vtk
+
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r][c]))
+    return out
+
+
+def add_volume(scene, kji_values, ijk_to_ras, name="volume", window=None):
+    """Scalar volume with these (K, J, I) voxel values and IJK-to-RAS matrix."""
+    import vtk
+    from vtk.util import numpy_support
+
+    values = np.ascontiguousarray(kji_values)
+    k, j, i = values.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(to_vtk(ijk_to_ras))
+    if window is not None:
+        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(window[1] - window[0], (window[0] + window[1]) / 2)
+        node.SetAndObserveDisplayNodeID(display.GetID())
+    return node
+
+
+def unique_volume(shape_kji, dtype=np.int32):
+    """Every voxel a different value (its flat KJI index), so a pixel names its voxel."""
+    return np.arange(int(np.prod(shape_kji)), dtype=dtype).reshape(shape_kji)
+
+
+def blob_volume(shape_kji, center_kji, radius):
+    """A bright ellipsoid on a dark background (CT-like values)."""
+    grid = np.indices(shape_kji).astype(float)
+    d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center_kji, radius))
+    return np.where(d <= 1.0, 300, -800).astype(np.int16)
+
+
+def add_segmentation(scene, volume, segment_names=("A", "B"), name="segmentation"):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    ids = [node.GetSegmentation().AddEmptySegment(n, n) for n in segment_names]
+    return node, ids
+
+
+def add_transform(scene, matrix, name="transform"):
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    node.SetMatrixTransformToParent(to_vtk(matrix))
+    return node
+
+
+def segment_array(scene, segmentation, segment_id, volume):
+    """The segment on the volume's voxel grid (K, J, I) bool, read back through Slicer's own export
+    (independent of the adapter's reader)."""
+    import slicer
+    from vtk.util import numpy_support
+
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation, [segment_id], labelmap, volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        assert ok, "Slicer could not export the segment"
+        image = labelmap.GetImageData()
+        dims = image.GetDimensions()
+        out = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+        assert dims == volume.GetImageData().GetDimensions()
+        return out.astype(bool).copy()
+    finally:
+        scene.RemoveNode(labelmap)
+
+
+def ras_to_ijk(volume, ras):
+    """RAS (world) -> continuous IJK through Slicer's own matrices and the parent transforms."""
+    import vtk
+
+    world_to_local = vtk.vtkMatrix4x4()  # identity when there is no parent transform
+    parent = volume.GetParentTransformNode()
+    if parent is not None:
+        parent.GetMatrixTransformFromWorld(world_to_local)
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    volume.GetRASToIJKMatrix(ras_to_ijk)
+    local = world_to_local.MultiplyPoint(list(ras) + [1.0])
+    return np.array(ras_to_ijk.MultiplyPoint(local)[:3])
+
+
+def ijk_to_ras(volume, ijk):
+    import vtk
+
+    local_m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(local_m)
+    local = local_m.MultiplyPoint(list(map(float, ijk)) + [1.0])
+    parent = volume.GetParentTransformNode()
+    if parent is None:
+        return np.array(local[:3])
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return np.array(to_world.MultiplyPoint(local)[:3])
+
+
+class RecordingSession:
+    """The real engine session; notes each call the adapter makes."""
+
+    def __init__(self, real, log):
+        self._real, self.log = real, log
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def add_prompt(self, frame, obj_id=1, **kw):
+        mask = self._real.add_prompt(frame, obj_id=obj_id, **kw)
+        self.log.append(("add_prompt", frame, obj_id, kw, np.array(mask)))
+        return mask
+
+    def clear_prompts(self, frame, obj_id):
+        self.log.append(("clear_prompts", frame, obj_id))
+        return self._real.clear_prompts(frame, obj_id)
+
+    def propagate(self, **kw):
+        self.log.append(("propagate", kw))
+        for frame, masks in self._real.propagate(**kw):
+            self.log.append(("frame", frame, {k: np.array(v) for k, v in masks.items()}))
+            yield frame, masks
+
+
+class RecordingModel:
+    """The real model; `opened` keeps (volume handed to the engine, kwargs, session log)."""
+
+    def __init__(self, real):
+        self._real = real
+        self.opened = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def open(self, volume, **kw):
+        log = []
+        self.opened.append((np.array(volume), kw, log))
+        return RecordingSession(self._real.open(volume, **kw), log)
+
+    def prompts(self, index=-1):
+        return [e for e in self.opened[index][2] if e[0] == "add_prompt"]
