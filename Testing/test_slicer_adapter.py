@@ -8,6 +8,7 @@ matrix (and parent transform) gives for the clicked RAS point. Segments are read
 Slicer's ExportSegmentsToLabelmapNode, not through the adapter.
 """
 
+import os
 import threading
 import warnings
 
@@ -439,3 +440,92 @@ def test_threaded_steps_keep_the_scene_on_the_calling_thread(recorder):
     np.testing.assert_array_equal(sf.segment_array(scene, segmentation, seg_a, volume), snapshot)
     job.commit()
     assert sf.segment_array(scene, segmentation, seg_a, volume)[3].any()
+
+
+# --- the non-Qt helpers the module shell stands on --------------------------------------------
+
+def test_worker_runs_tasks_in_order_off_the_main_thread_and_delivers_on_drain():
+    import time
+
+    from MedSAM2Lib.worker import Worker
+
+    worker = Worker()
+    main = threading.current_thread()
+    seen, done, errors = [], [], []
+
+    def job(emit, cancel):
+        for i in range(3):
+            emit((i, threading.current_thread() is main))
+        return "finished"
+
+    def failing(emit, cancel):
+        raise ValueError("bad slice")
+
+    worker.submit(job, on_done=done.append, on_item=seen.append)
+    worker.submit(failing, on_error=errors.append)
+    cancelled = worker.submit(lambda emit, cancel: cancel.wait(5) and "stopped", on_done=done.append)
+    cancelled.cancel.set()
+    assert seen == [] and worker.busy, "nothing is delivered until the main thread drains"
+    deadline = time.time() + 10
+    while worker.busy and time.time() < deadline:
+        worker.drain()
+        time.sleep(0.01)
+    assert seen == [(0, False), (1, False), (2, False)]
+    assert done == ["finished", "stopped"]
+    assert len(errors) == 1 and "bad slice" in str(errors[0]) and "Traceback" in errors[0].medsam2_traceback
+    worker.stop()
+    assert not worker.thread.is_alive()
+
+
+def test_install_plan_pins_versions_and_installs_sam2_without_touching_torch():
+    from MedSAM2Lib import install
+
+    present = {"torch": "2.5.1+cu121", "numpy": "1.26.4", "pillow": "10.0.0", "setuptools": "70.0",
+               "platformdirs": "4.0", "httpx": "0.28.0", "zstandard": "0.23.0"}
+    missing = install.missing("local", version_of=present.get)
+    assert [r.distribution for r in missing] == ["tqdm", "hydra-core", "iopath", "wheel", "sam2"]
+    assert install.pip_arguments(missing[-1]) == "--no-build-isolation --no-deps sam2==1.1.0"
+    assert missing[-1].env == {"SAM2_BUILD_CUDA": "0"}
+    assert install.torch_missing("local", version_of=present.get) is None
+    old_torch = dict(present, torch="2.1.0")
+    assert "2.5.1 or newer" in install.torch_missing("local", version_of=old_torch.get)
+    assert "PyTorch extension" in install.describe_plan("local", version_of=old_torch.get)[0]
+    # a remote server needs neither torch nor sam2
+    assert install.torch_missing("remote", version_of={}.get) is None
+    assert [r.distribution for r in install.missing("remote", version_of={}.get)] == \
+        ["numpy", "platformdirs", "httpx", "zstandard"]
+    # the wrong sam2 release is replaced; build tools only come along when something is built
+    assert "sam2" in [r.distribution for r in install.missing("local", version_of=dict(present, sam2="1.0").get)]
+    no_sam2_needed = dict(present, sam2="1.1.0", tqdm="4.67.1", **{"hydra-core": "1.3.2"}, iopath="0.1.10")
+    assert install.missing("local", version_of=no_sam2_needed.get) == []
+    # pip runs in order with the package's environment, restored afterwards
+    calls = []
+    install.install(missing, lambda args: calls.append((args, dict(os.environ).get("SAM2_BUILD_CUDA"))))
+    assert [c[0] for c in calls] == [install.pip_arguments(r) for r in missing]
+    assert calls[-1][1] == "0" and "SAM2_BUILD_CUDA" not in os.environ
+
+    def broken(args):
+        raise OSError("no network")
+
+    with pytest.raises(RuntimeError, match="Installing tqdm==4.67.1 failed: no network.*pip_install"):
+        install.install(missing, broken)
+    # this environment (the one the tests run in) has everything the engine needs
+    assert install.missing("local") == [] and install.torch_missing("local") is None
+    assert install.importable("local") is None
+
+
+def test_model_holder_refuses_random_weights_unless_allowed(random_checkpoint):
+    from medsam2.errors import CheckpointError
+
+    from MedSAM2Lib.models import ModelHolder, ModelSettings
+
+    settings = ModelSettings(name="sam2.1_hiera_tiny", checkpoint=str(random_checkpoint), device="cpu",
+                             image_size=256)
+    with pytest.raises(CheckpointError, match="random test weights.*Developer mode"):
+        ModelHolder(settings).get()
+    holder = ModelHolder(ModelSettings(**{**settings.__dict__, "allow_random": True}))
+    assert not holder.loaded
+    session = holder.open(np.zeros((2, 8, 8), np.int16), window=(-1, 1))
+    assert holder.loaded and session.num_frames == 2
+    with pytest.raises(ValueError, match="Device must be one of"):
+        ModelHolder(ModelSettings(device="tpu"))
