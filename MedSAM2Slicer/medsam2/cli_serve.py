@@ -1,0 +1,118 @@
+"""`medsam2 serve`: run the remote GPU server (see docs/remote.md).
+
+Refuses to listen beyond loopback without a token unless --insecure is given, and checks every
+argument before the model loads. The token is never printed or logged.
+"""
+
+import ipaddress
+import os
+import stat
+import sys
+import warnings
+
+DEFAULT_MODEL = "medsam2_latest"
+TOKEN_ENV = "MEDSAM2_TOKEN"
+
+
+def add_arguments(p):
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, "
+                        "needs a token)")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry model name (see `medsam2 models`; default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="model input size in pixels (default: the model's own)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN",
+                       help=f"clients must send this token (visible in the process list: prefer --token-file "
+                            f"or the {TOKEN_ENV} environment variable)")
+    token.add_argument("--token-file", metavar="FILE", help="read the token from the first line of FILE")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening beyond loopback without a token (a trusted, isolated network only)")
+    p.add_argument("--max-sessions", type=int, default=8, metavar="N",
+                   help="open sessions at once (each holds a volume and its features; default 8)")
+    p.add_argument("--session-ttl", type=float, default=1800.0, metavar="SECONDS",
+                   help="free a session idle this long (default 1800)")
+    p.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="N",
+                   help="largest volume accepted, in MiB (default 1024)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default info)")
+
+
+def is_loopback(host):
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_token(args):
+    """The token from --token, --token-file or $MEDSAM2_TOKEN (in that order); None if none."""
+    from .errors import InputError
+
+    if args.token is not None:
+        token = args.token.strip()
+        if not token:
+            raise InputError("--token is empty")
+        return token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+            mode = os.stat(args.token_file).st_mode
+        except OSError as exc:
+            raise InputError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise InputError(f"--token-file {args.token_file}: the first line is empty")
+        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            _say(f"warning: {args.token_file} is readable by other users; chmod 600 it")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def run(args):
+    from .errors import InputError
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port {args.port}: must be 1..65535")
+    if args.max_sessions < 1:
+        raise InputError("--max-sessions must be at least 1")
+    if args.session_ttl <= 0:
+        raise InputError("--session-ttl must be positive")
+    if args.max_upload_mb <= 0:
+        raise InputError("--max-upload-mb must be positive")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    token = read_token(args)
+    if token is None and not is_loopback(args.host) and not args.insecure:
+        raise InputError(
+            f"refusing to listen on {args.host} without a token: anyone on the network could use the GPU and "
+            f"read uploaded images. Give --token-file FILE (or --token, or ${TOKEN_ENV}); --insecure overrides")
+
+    import medsam2
+    from . import server
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                                   image_size=args.image_size)
+    if getattr(model, "weights_are_random", False):
+        _say("*" * 72 + "\nRANDOM WEIGHTS: masks are meaningless (this checkpoint is a test file)\n" + "*" * 72)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    _say(f"medsam2 serve: {model.name} at {model.image_size} px on {model.device}; "
+         f"http://{shown}:{args.port}/v1 (API docs: /docs); "
+         f"{'token required' if token else 'NO TOKEN: anyone who can connect may use it'}; "
+         f"{args.max_sessions} sessions, idle TTL {args.session_ttl:g} s, uploads up to {args.max_upload_mb:g} MiB")
+    server.run(model, host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
+               session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb, log_level=args.log_level)
+    return 0
+
+
+def _say(text):
+    print(text, file=sys.stderr, flush=True)
