@@ -55,8 +55,10 @@ def default_window(volume: np.ndarray) -> tuple[float, float]:
     flat = volume.reshape(-1)
     step = max(1, flat.size // 2_000_000)  # a strided sample is plenty for percentiles
     low, high = np.percentile(flat[::step].astype(np.float64), DEFAULT_WINDOW_PERCENTILES)
-    if high <= low:  # constant volume (or nearly): fall back to the full range
+    if high <= low:  # nearly constant: fall back to the full range
         low, high = float(flat.min()), float(flat.max())
+    if high <= low:  # constant volume: any window maps it to 0; keep the width non-zero
+        high = low + 1.0
     return float(low), float(high)
 
 

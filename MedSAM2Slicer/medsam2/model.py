@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import warnings
 import weakref
@@ -14,8 +13,6 @@ from .features import FeatureCache
 from .frames import FrameSource
 from .memory_bank import BankParams
 from .session import Session
-
-log = logging.getLogger(__name__)
 
 MEMORY_MODES = ("self-sorting", "sam2")
 RANDOM_WEIGHTS_WARNING = (
@@ -114,5 +111,4 @@ def load_model(name, checkpoint=None, device="auto", image_size=None) -> Model:
     predictor = predictor.to(dev).eval()
     if ckpt.random_weights:
         warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
-        log.warning(RANDOM_WEIGHTS_WARNING)
     return Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec)

@@ -53,6 +53,7 @@ class Session:
             "memory_bank_params": bank_params,  # None = stock SAM2 memory
         }
         self._masks: dict[int, dict[int, np.ndarray]] = {}  # obj_id -> frame -> packed bits
+        self._prompts: list[dict] = []  # every accepted prompt, in order (replay, other axes, undo)
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -84,6 +85,10 @@ class Session:
         idx = self._known_obj(obj_id)
         return self._state["output_dict_per_obj"][idx].get(BANK_KEY)
 
+    def prompts(self, obj_id=None) -> list[dict]:
+        """The prompts in force, oldest first: dicts of frame, obj_id, points, labels, box, mask."""
+        return [dict(p) for p in self._prompts if obj_id is None or p["obj_id"] == obj_id]
+
     def frame_tensor(self, frame: int) -> torch.Tensor:
         """The exact normalised (3, S, S) input the model sees for this frame."""
         self._check_frame(frame)
@@ -106,6 +111,9 @@ class Session:
             with self._lock, torch.inference_mode():
                 self._discard_bank_frame(obj_id, frame)
                 _, obj_ids, logits = self._predictor.add_new_mask(self._state, frame, obj_id, mask_t)
+            self._forget_prompts(obj_id, frame)
+            self._prompts.append(dict(frame=frame, obj_id=obj_id, points=None, labels=None, box=None,
+                                      mask=mask_t.numpy().copy()))
         else:
             pts, lbl = self._check_points(points, labels)
             box_arr = self._check_box(box)
@@ -118,6 +126,9 @@ class Session:
                 _, obj_ids, logits = self._predictor.add_new_points_or_box(
                     self._state, frame, obj_id, points=pts, labels=lbl,
                     clear_old_points=box_arr is not None or existing is None, box=box_arr)
+            if box_arr is not None or existing is None:
+                self._forget_prompts(obj_id, frame)
+            self._prompts.append(dict(frame=frame, obj_id=obj_id, points=pts, labels=lbl, box=box_arr, mask=None))
         result = self._store(frame, obj_ids, logits)
         return result[obj_id]
 
@@ -127,9 +138,11 @@ class Session:
         self._known_obj(obj_id)
         with self._lock, torch.inference_mode():
             self._predictor.clear_all_prompts_in_frame(self._state, frame, obj_id, need_output=False)
+        self._forget_prompts(obj_id, frame)
 
     # -- propagation ------------------------------------------------------------------------
-    def propagate(self, direction="both", start=None, stop=None, cancel: threading.Event | None = None):
+    def propagate(self, direction="both", start=None, stop=None, cancel: threading.Event | None = None,
+                  probabilities=False):
         """Track the objects through the volume; yields (frame, {obj_id: mask}) as frames finish.
 
         Default (start=None): from the earliest prompted frame to the end and (for "both") back to
@@ -138,14 +151,16 @@ class Session:
         the next conditioning frame (or at the volume's end), leaving the other slices untouched.
         `stop` is the last frame to reach: an int for forward/backward, a (low, high) pair for both.
         `cancel` is checked before every frame; finished frames are kept.
+        probabilities=True yields (frame, masks, {obj_id: float32 probability (rows, cols)}) instead.
         """
         if direction not in DIRECTIONS:
             raise InputError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
         if not self._state["obj_ids"]:
             raise InputError("nothing to propagate: add a prompt first")
+        for obj_id in self.obj_ids:
+            if not self.conditioning_frames(obj_id):
+                raise InputError(f"object {obj_id} has no prompts left; add one, or remove the object")
         cond = self.conditioning_frames()
-        if not cond:
-            raise InputError("nothing to propagate: every object lost its prompts; add a prompt first")
         refine = start is not None
         start = self._check_frame(start) if refine else cond[0]
         low_stop, high_stop = self._check_stop(direction, start, stop)
@@ -160,15 +175,15 @@ class Session:
             if refine:
                 end = max([c + 1 for c in cond if c < start] + [end])
             passes.append((True, start, end if low_stop is None else max(end, low_stop)))
-        return self._run_passes(passes, cancel)  # validated above, before the first frame is asked for
+        return self._run_passes(passes, cancel, probabilities)  # validated before the first frame is asked for
 
-    def _run_passes(self, passes, cancel):
+    def _run_passes(self, passes, cancel, probabilities):
         for reverse, first, last in passes:
-            finished = yield from self._run_pass(reverse, first, last, cancel)
+            finished = yield from self._run_pass(reverse, first, last, cancel, probabilities)
             if not finished:
                 return
 
-    def _run_pass(self, reverse, first, last, cancel):
+    def _run_pass(self, reverse, first, last, cancel, probabilities=False):
         """One official-style propagation pass; returns False if cancelled."""
         step = -1 if reverse else 1
         if (last - first) * step < 0:
@@ -187,7 +202,10 @@ class Session:
                 logits = self._track_frame(frame, reverse)
                 _, video_res = self._predictor._get_orig_video_res_output(self._state, logits)
                 masks = self._store(frame, self._state["obj_ids"], video_res)
-            yield frame, masks
+                if probabilities:
+                    probs = torch.sigmoid(video_res[:, 0].float()).cpu().numpy()
+                    obj_probs = {o: probs[i] for i, o in enumerate(self._state["obj_ids"])}
+            yield (frame, masks, obj_probs) if probabilities else (frame, masks)
         return True
 
     def _track_frame(self, frame, reverse):
@@ -240,12 +258,14 @@ class Session:
         with self._lock, torch.inference_mode():
             self._predictor.remove_object(self._state, obj_id, strict=True, need_output=False)
         self._masks.pop(obj_id, None)
+        self._prompts = [p for p in self._prompts if p["obj_id"] != obj_id]
 
     def reset(self) -> None:
         """Forget every prompt, object and result; cached image features are kept."""
         with self._lock, torch.inference_mode():
             self._predictor.reset_state(self._state)
         self._masks.clear()
+        self._prompts.clear()
 
     def close(self) -> None:
         self.reset()
@@ -269,6 +289,9 @@ class Session:
             bank = self._state["output_dict_per_obj"][idx].get(BANK_KEY)
             if bank is not None:  # a conditioning frame is never a bank entry
                 bank.discard([frame])
+
+    def _forget_prompts(self, obj_id, frame):
+        self._prompts = [p for p in self._prompts if not (p["obj_id"] == obj_id and p["frame"] == frame)]
 
     def _obj_indices(self, obj_id):
         if obj_id is None:
