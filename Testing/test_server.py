@@ -210,6 +210,17 @@ def test_the_same_volume_is_uploaded_once(client, server):
     b.close()
 
 
+def test_volumes_no_session_uses_are_kept_only_up_to_twice_the_upload_limit(server, client):
+    # the module's server takes 1 MiB uploads: at most 2 MiB of unused volumes stay cached
+    vols = [np.full((16, 128, 128), i, np.float32) for i in range(3)]  # 1 MiB each
+    digests = [client.upload(v)[0] for v in vols]
+    here = [httpx.head(f"{server.url}/v1/volumes/{d}", headers=AUTH, timeout=10).status_code for d in digests]
+    assert here == [404, 200, 200], "the least recently used unused volume goes first"
+    session = client.open(vols[0])  # re-uploaded transparently when evicted
+    assert session.num_frames == 16
+    session.close()
+
+
 # -- what it must survive -------------------------------------------------------------------------
 @pytest.fixture()
 def logged():

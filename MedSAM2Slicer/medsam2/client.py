@@ -16,7 +16,7 @@ import ipaddress
 import json
 import logging
 import threading
-import time
+import uuid
 import warnings
 import weakref
 from urllib.parse import urlsplit
@@ -94,7 +94,10 @@ class RemoteModel:
             raise InputError(f"bad server URL {url!r}: expected http://host:port or https://host:port")
         self.url = url.rstrip("/")
         self.auto_reopen = auto_reopen
-        headers = {"User-Agent": "medsam2-client"}
+        # A stable id per client lets a load balancer keep all of its requests on one GPU box
+        # (sessions and uploaded volumes live in that box's memory): hash on this header.
+        self.client_id = uuid.uuid4().hex
+        headers = {"User-Agent": "medsam2-client", "X-MedSAM2-Client": self.client_id}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(

@@ -209,6 +209,17 @@ class _State:
             for digest, vol in list(self.volumes.items()):
                 if digest not in used and now - vol.last_used > self.session_ttl:
                     del self.volumes[digest]
+            self._trim_volumes_locked()
+
+    def _trim_volumes_locked(self):
+        """Keep volumes no session uses (for cheap re-opens) only up to twice the upload limit."""
+        used = {s.volume.digest for s in self.sessions.values()}
+        idle = sorted((v for d, v in self.volumes.items() if d not in used), key=lambda v: v.last_used)
+        spare = sum(v.array.nbytes for v in idle)
+        while idle and spare > 2 * self.max_upload_bytes:
+            vol = idle.pop(0)
+            spare -= vol.array.nbytes
+            del self.volumes[vol.digest]
 
     def get_session(self, sid):
         with self.lock:
@@ -581,6 +592,7 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
         with state.lock:
             state.volumes.setdefault(digest, _Volume(digest, array))
             state.stats["uploads"] += 1
+            state._trim_volumes_locked()
         log.info("stored volume %s… %s %s", digest[:12], dtype.str, list(shape))
         return JSONResponse(_volume_info(state.volumes[digest]), 201)
 
