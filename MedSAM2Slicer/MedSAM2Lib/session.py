@@ -257,6 +257,24 @@ class SegmentationSession:
         state = self._axes.get(self.geometry.axis_for_normal(slice_normal))
         return state.engine if state else None
 
+    def frame_index(self, ras, slice_normal=(0, 0, 1)):
+        """The slice (frame) index through `ras` along this view's axis; only the slice is
+        range-checked, so the centre of a panned slice view works too."""
+        axis = self.geometry.axis_for_normal(slice_normal)
+        frame = int(np.floor(self.geometry.ras_to_ijk_point(ras)[axis] + 0.5))
+        n = self.geometry.dims[axis]
+        if not 0 <= frame < n:
+            raise InputError(f"This slice ({frame}) is outside {self.geometry.name} (slices 0..{n - 1} "
+                             f"along {AXIS_NAMES[axis]}); scroll to a slice of the volume.")
+        return frame
+
+    def point_on_slice(self, ras, slice_normal=(0, 0, 1)):
+        """The point of the slice through `ras` nearest to the volume's centre (inside the volume)."""
+        normal = np.asarray(slice_normal, float) / np.linalg.norm(slice_normal)
+        centre = (self.geometry.ijk_to_ras @ np.append((np.asarray(self.geometry.dims) - 1) / 2.0, 1.0))[:3]
+        ras = np.asarray(ras, float)
+        return centre - np.dot(centre - ras, normal) * normal
+
     def read_frame(self, ras, slice_normal=(0, 0, 1)):
         """The segment's current content on the slice through `ras` (frame layout, bool)."""
         layout, frame, _, _ = self.geometry.locate(ras, slice_normal)

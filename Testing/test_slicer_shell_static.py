@@ -1,0 +1,263 @@
+"""Static checks of the Qt shell (MedSAM2.py + MedSAM2.ui), which only runs inside Slicer.
+
+Checked against real Slicer code where this machine has it: `slicer.util` names against the
+util.py that the slicer-core wheel ships (Slicer's own file), MRML classes, events and methods
+against slicer-core's wrapped classes. Qt/CTK/Slicer-widget names that slicer-core lacks are
+checked against lists recorded here, each verified by reading Slicer/Slicer (and CTK, Qt 5,
+fepegar/SlicerPyTorch) sources; the comment on each list says where.
+"""
+
+import ast
+import py_compile
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "MedSAM2Slicer" / "MedSAM2.py"
+UI = ROOT / "MedSAM2Slicer" / "Resources" / "UI" / "MedSAM2.ui"
+LIB = ROOT / "MedSAM2Slicer" / "MedSAM2Lib"
+
+# Qt 5 classes (and enum members) the module uses, as PythonQt exposes them in Slicer's `qt`.
+# Verified against the Qt 5 class reference (doc.qt.io/qt-5/classes.html).
+QT5 = {
+    "QTimer", "QSettings", "QFileDialog", "QShortcut", "QKeySequence", "QLineEdit", "Qt", "QWidget",
+    "QLabel", "QPushButton", "QToolButton", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox",
+    "QProgressBar", "QGridLayout", "QVBoxLayout", "QHBoxLayout", "QFormLayout", "QMessageBox",
+}
+QT5_MEMBERS = {"QFileDialog.getOpenFileName", "QLineEdit.Password", "Qt.ToolTipRole"}
+# CTK widgets in the .ui: ctkCollapsibleButton (CTK Libs/Widgets/ctkCollapsibleButton.h; also used
+# by Slicer's Utilities/Templates/Modules/Scripted/Resources/UI/TemplateKey.ui).
+CTK = {"ctkCollapsibleButton"}
+# Slicer Qt widgets in the .ui: Libs/MRML/Widgets/qMRMLWidget.h, Libs/MRML/Widgets/qMRMLNodeComboBox.h.
+SLICER_WIDGETS = {"qMRMLWidget", "qMRMLNodeComboBox"}
+# slicer.app members: Base/QTCore/qSlicerCoreApplication.h (applicationLogic, cachePath),
+# Base/QTGUI/qSlicerApplication.h (layoutManager), QCoreApplication (processEvents).
+SLICER_APP = {"applicationLogic", "cachePath", "layoutManager", "processEvents"}
+# Python modules of Slicer that the slicer-core wheel lacks (Base/Python/slicer/...):
+SLICER_PY_MODULES = {
+    "ScriptedLoadableModule": {"ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
+                               "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"},
+    "parameterNodeWrapper": {"parameterNodeWrapper", "Choice", "WithinRange"},  # __init__ re-exports
+}
+# Other Slicer names the module reaches: slicer.app, slicer.mrmlScene, slicer.util (application
+# globals set up by Base/Python/slicer/__init__.py).
+SLICER_GLOBALS = {"app", "mrmlScene", "util"}
+# Widget methods called on qMRMLLayoutManager / qMRMLSliceWidget results:
+# Libs/MRML/Widgets/qMRMLLayoutManager.h sliceWidget(name), qMRMLSliceWidget.h mrmlSliceNode().
+QT_SIDE_METHODS = {"sliceWidget", "mrmlSliceNode"}
+# PyTorchUtilsLogic.installTorch(self, askConfirmation=False, forceComputationBackend=None,
+# torchVersionRequirement=None, torchvisionVersionRequirement=None) in fepegar/SlicerPyTorch
+# PyTorchUtils/PyTorchUtils.py; SampleDataLogic.downloadCTChest() in Slicer
+# Modules/Scripted/SampleData/SampleData.py.
+INSTALL_TORCH_KWARGS = {"askConfirmation", "forceComputationBackend", "torchVersionRequirement",
+                        "torchvisionVersionRequirement"}
+# MRML/VTK classes whose methods the shell calls (checked through slicer-core below)
+MRML_CLASSES = ("vtkMRMLScene", "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode", "vtkMRMLMarkupsDisplayNode",
+                "vtkMRMLSliceNode", "vtkMRMLCrosshairNode", "vtkMRMLInteractionNode", "vtkMRMLSelectionNode",
+                "vtkMRMLSegmentationNode", "vtkSegmentation", "vtkSegment", "vtkSlicerApplicationLogic",
+                "vtkMRMLScalarVolumeNode", "vtkMatrix4x4")
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return ast.parse(MODULE.read_text(), str(MODULE))
+
+
+def _chains(tree, root):
+    """Every attribute chain starting at the name `root`, e.g. ('util', 'errorDisplay')."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            parts = []
+            cur = node
+            while isinstance(cur, ast.Attribute):
+                parts.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name) and cur.id == root:
+                out.add(tuple(reversed(parts)))
+    return out
+
+
+def _slicer_util_source():
+    import slicer
+
+    return Path(slicer.__file__).with_name("util.py")
+
+
+def test_module_compiles_and_loads_without_the_engine_heavy_parts(tree):
+    py_compile.compile(str(MODULE), doraise=True)
+    top_imports = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top_imports |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert not top_imports & {"torch", "sam2", "numpy", "medsam2"}, \
+        "the module must load before the install dialog has installed anything"
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"MedSAM2", "MedSAM2Widget", "MedSAM2Logic", "MedSAM2Test", "MedSAM2ParameterNode"} <= classes
+
+
+def test_slicer_util_names_exist_in_slicers_util_py(tree):
+    util = ast.parse(_slicer_util_source().read_text())
+    defined = {n.name: n for n in util.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    used = {c[1] for c in _chains(tree, "slicer") if len(c) > 1 and c[0] == "util"}
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "slicer.util"
+                for a in n.names}
+    assert used and not (used | imported) - set(defined), f"unknown slicer.util names: {(used | imported) - set(defined)}"
+    # keyword arguments given to slicer.util functions exist in their signatures
+    for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+            continue
+        f = call.func
+        if isinstance(f.value, ast.Attribute) and f.value.attr == "util" and isinstance(f.value.value, ast.Name) \
+                and f.value.value.id == "slicer":
+            fn = defined[f.attr]
+            params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+            if fn.args.kwarg is None:
+                bad = {k.arg for k in call.keywords if k.arg} - params
+                assert not bad, f"slicer.util.{f.attr} has no parameter(s) {bad}"
+
+
+def test_slicer_names_exist(tree):
+    import slicer
+
+    for chain in _chains(tree, "slicer"):
+        head = chain[0]
+        if head in SLICER_GLOBALS:
+            if head == "app" and len(chain) > 1:
+                assert chain[1] in SLICER_APP, f"slicer.app.{chain[1]} not verified"
+            if head == "mrmlScene" and len(chain) > 1:
+                assert hasattr(slicer.vtkMRMLScene, chain[1]), f"vtkMRMLScene has no {chain[1]}"
+            continue
+        if head in SLICER_PY_MODULES:
+            continue
+        # a wrapped MRML/VTK class, and the member used on it
+        cls = getattr(slicer, head, None)
+        assert cls is not None, f"slicer.{head} is not a Slicer class"
+        if len(chain) > 1:
+            assert hasattr(cls, chain[1]), f"slicer.{head}.{chain[1]} does not exist"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slicer"):
+            sub = node.module.split(".", 1)[1] if "." in node.module else None
+            for alias in node.names:
+                if sub is None:
+                    assert hasattr(slicer, alias.name), f"from slicer import {alias.name}: not in Slicer"
+                elif sub in SLICER_PY_MODULES:
+                    assert alias.name in SLICER_PY_MODULES[sub], f"slicer.{sub}.{alias.name} not verified"
+
+
+def test_mrml_methods_called_exist_on_the_classes_used(tree):
+    """Every CamelCase method the shell calls (VTK style) exists on a class it works with."""
+    import slicer
+    import vtk
+
+    classes = [getattr(slicer, n, None) or getattr(vtk, n) for n in MRML_CLASSES]
+    # calls on qt (checked below) and on the PyTorchUtils / SampleData modules (verified above) aside
+    other_modules = {"qt", "PyTorchUtils", "SampleData"}
+    called = {n.func.attr for n in ast.walk(tree)
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr[:1].isupper()
+              and not (isinstance(n.func.value, ast.Name) and n.func.value.id in other_modules)}
+    missing = {m for m in called if not any(hasattr(c, m) for c in classes)}
+    assert called and not missing, f"methods not found on MRML classes: {missing}"
+    lower_calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert {"sliceWidget", "mrmlSliceNode"} <= lower_calls | QT_SIDE_METHODS
+
+
+def test_qt_and_ctk_names_are_qt5_and_ctk_classes(tree):
+    for chain in _chains(tree, "qt"):
+        assert chain[0] in QT5, f"qt.{chain[0]} is not a verified Qt 5 class"
+        if len(chain) > 1:
+            assert ".".join(chain[:2]) in QT5_MEMBERS, f"qt.{'.'.join(chain)} not verified"
+    assert not _chains(tree, "ctk"), "ctk is used only from the .ui"
+
+
+def test_torch_install_and_sample_data_calls_match_their_sources(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "installTorch":
+            assert {k.arg for k in node.keywords} <= INSTALL_TORCH_KWARGS
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("download"):
+            assert node.func.attr in {"downloadCTChest", "download"}
+
+
+def _ui():
+    return ET.parse(UI).getroot()  # raises if the XML is malformed
+
+
+def test_ui_is_valid_and_uses_known_widget_classes():
+    root = _ui()
+    assert root.tag == "ui" and root.find("class").text == "MedSAM2"
+    widgets = root.iter("widget")
+    names = []
+    for w in widgets:
+        cls = w.get("class")
+        assert cls in QT5 | CTK | SLICER_WIDGETS, f"unknown widget class {cls}"
+        names.append(w.get("name"))
+    assert len(names) == len(set(names)), "widget names must be unique"
+    for layout in root.iter("layout"):
+        assert layout.get("class") in QT5
+    for c in root.iter("connection"):
+        assert c.find("sender").text in names and c.find("receiver").text in names
+
+
+def test_every_ui_widget_the_module_looks_up_exists(tree):
+    names = {w.get("name") for w in _ui().iter("widget")}
+    used = {c[1] for c in _chains(tree, "self") if len(c) > 1 and c[0] == "ui"}
+    assert used and not used - names, f"MedSAM2.py uses widgets missing from the .ui: {used - names}"
+
+
+def test_ui_parameter_bindings_match_the_parameter_node(tree):
+    params = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "MedSAM2ParameterNode":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign):
+                    params[item.target.id] = ast.unparse(item.annotation)
+    bound = {}
+    for w in _ui().iter("widget"):
+        for p in w.findall("property"):
+            if p.get("name") == "SlicerParameterName":
+                bound[p.find("string").text] = w.get("class")
+    assert set(bound) <= set(params), f"bound to unknown parameters: {set(bound) - set(params)}"
+    expected_widget = {"bool": "QCheckBox", "str": "QLineEdit", "float": "QDoubleSpinBox"}
+    for name, cls in bound.items():
+        annotation = params[name]
+        if "Choice" in annotation:
+            assert cls == "QComboBox", name
+        elif annotation.startswith("vtkMRML"):
+            assert cls == "qMRMLNodeComboBox", name
+        elif "int" in annotation:
+            assert cls == "QSpinBox", name
+        else:
+            assert cls == expected_widget[annotation], name
+    # parameters the widget handles by hand (dynamic model list, segment list)
+    assert set(params) - set(bound) == {"segmentId", "modelName"}
+
+
+def test_shortcuts_in_help_are_the_ones_bound(tree):
+    source = MODULE.read_text()
+    module = {}
+    exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.Assign)
+                             and any(getattr(t, "id", "") == "SHORTCUTS" for t in n.targets)], []), "x", "exec"), module)
+    keys = {k for k, _ in module["SHORTCUTS"]}
+    handlers = re.search(r"handlers = \{(.*?)\n        \}", source, re.S).group(1)
+    bound = set(re.findall(r'"([^"]+)": ', handlers))
+    assert keys == bound and {"I", "X", "O", "Shift+P", "Ctrl+Z", "Ctrl+Y"} <= keys
+
+
+def test_adapter_layer_imports_no_qt_and_engine_no_slicer():
+    for path in LIB.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"qt", "ctk", "PythonQt"}, f"{path.name} imports Qt"
+
+
+def test_parameter_node_wrapper_api_matches_slicers_template():
+    """connectGui/disconnectGui and the .ui property name, as Slicer's module template uses them."""
+    source = MODULE.read_text()
+    assert "connectGui(self.ui)" in source and "disconnectGui(self._parameterNodeGuiTag)" in source
+    for w in _ui().iter("widget"):
+        for p in w.findall("property"):
+            if p.get("name") == "SlicerParameterName":
+                assert p.get("stdset") == "0"
+
