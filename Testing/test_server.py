@@ -506,17 +506,39 @@ def _frame_seconds(model, vol):
     return (time.perf_counter() - t0) / len(frames)
 
 
-def test_client_disconnect_mid_propagation_frees_the_gpu_within_a_frame(model, server, client):
+class _AsgiSpec24:
+    """Presents requests as ASGI spec 2.4, where Starlette no longer watches for disconnects
+    itself and a server may silently drop writes to a closed connection."""
+
+    def __init__(self, app):
+        self.app, self.state = app, app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("spec", ["uvicorn", "asgi-2.4"])
+def test_client_disconnect_mid_propagation_frees_the_gpu_within_a_frame(model, server, spec):
+    srv = server if spec == "uvicorn" else ServerThread(_AsgiSpec24(create_app(model, token=TOKEN)))
+    try:
+        _disconnect_mid_propagation(model, srv.url, srv.app.state.medsam2)
+    finally:
+        if srv is not server:
+            srv.stop()
+
+
+def _disconnect_mid_propagation(model, url, state):
     vol = make_volume(slices=16, seed=5)
     frame_s = _frame_seconds(model, vol)
+    client = medsam2.connect(url, token=TOKEN)
     session = client.open(vol)
     session.add_prompt(0, points=[[33, 30]], labels=[1])
-    state = server.state
     done_before = state.stats["propagations"]
     frames_before = state.stats["frames_propagated"]
     with httpx.Client(headers=AUTH, timeout=60) as http:
-        with http.stream("POST", f"{server.url}/v1/sessions/{session.id}/propagate",
-                         json={"direction": "forward"}) as r:
+        with http.stream("POST", f"{url}/v1/sessions/{session.id}/propagate", json={"direction": "forward"}) as r:
             for line in r.iter_lines():
                 if json.loads(line)["type"] == "frame":
                     break
@@ -529,12 +551,14 @@ def test_client_disconnect_mid_propagation_frees_the_gpu_within_a_frame(model, s
     assert state.stats["propagations_cancelled"] >= 1
     assert state.stats["frames_propagated"] - frames_before < 15, "it ran to the end despite the disconnect"
     # the next client is served, and the session itself is usable again
-    with medsam2.connect(server.url, token=TOKEN) as other:
+    with medsam2.connect(url, token=TOKEN) as other:
         s2 = other.open(make_volume(seed=6))
         assert s2.add_prompt(1, points=[[33, 30]], labels=[1]).shape == (64, 64)
         s2.close()
     assert session.add_prompt(3, points=[[30, 30]], labels=[1]).shape == (64, 64)
-    assert_healthy(server.url)
+    session.close()
+    client.close()
+    assert_healthy(url)
 
 
 def test_client_cancel_and_break_stop_the_server_keeping_finished_frames(model, server, client):

@@ -637,15 +637,14 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
             if vol is None:
                 raise ApiError(404, "volume_unknown", f"volume {req.volume} is not on the server; upload it first")
             window = tuple(req.window) if req.window is not None else None
-            with state.gpu.hold():
-                try:
-                    engine = model.open(vol.array, memory=req.memory, window=window)
-                except MedSAM2Error as exc:
-                    if isinstance(exc, InputError):
-                        raise _input_error(exc) from None
-                    raise ApiError(500, "server", f"{type(exc).__name__}: {exc}") from None
-                except _INPUT_EXCEPTIONS as exc:
+            try:  # CPU work only (frames are built lazily): no need to wait for the GPU
+                engine = model.open(vol.array, memory=req.memory, window=window)
+            except MedSAM2Error as exc:
+                if isinstance(exc, InputError):
                     raise _input_error(exc) from None
+                raise ApiError(500, "server", f"{type(exc).__name__}: {exc}") from None
+            except _INPUT_EXCEPTIONS as exc:
+                raise _input_error(exc) from None
             sess = _Session(secrets.token_urlsafe(18), vol, engine, req.memory, window)
             with state.lock:
                 state.sessions[sess.id] = sess
@@ -773,7 +772,7 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
             'GPU; {"type": "frame", "frame": f, "index": i, "masks": {obj_id: mask | {"same": digest}}} per '
             'finished frame; then {"type": "end", "frames": n, "cancelled": bool} or {"type": "error", ...}'),
     )
-    async def propagate(sid: str, req: PropagateRequest):
+    async def propagate(sid: str, req: PropagateRequest, request: Request):
         cancel = threading.Event()
         stop = tuple(req.stop) if isinstance(req.stop, (list, tuple)) else req.stop
         # The engine validates the arguments now, so bad ones get a plain 400 (and the local
@@ -845,6 +844,10 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
                     if item is None:
                         return
                     yield json.dumps(item) + "\n"
+                    # Starlette cancels this generator on disconnect under ASGI spec < 2.4; this
+                    # check keeps a server that only drops writes (spec 2.4) from running on.
+                    if await request.is_disconnected():
+                        return
             finally:
                 # Finished, or the client went away (Starlette cancels this generator on
                 # disconnect): either way the worker stops within one frame.
