@@ -141,6 +141,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # leaving Place mode (Esc in a view, another module's tool) releases our tool buttons
+        self.addObserver(slicer.app.applicationLogic().GetInteractionNode(),
+                         slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent, self._onInteractionModeChanged)
 
         self.ui.includePointButton.connect("toggled(bool)", lambda on: self._setTool("include" if on else None))
         self.ui.excludePointButton.connect("toggled(bool)", lambda on: self._setTool("exclude" if on else None))
@@ -236,14 +239,19 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     # --- segments -------------------------------------------------------------------------
+    _SEGMENT_EVENTS = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
+                       slicer.vtkSegmentation.SegmentModified)  # the node forwards its segmentation's events
+
     def _observeSegmentation(self, segmentationNode):
         if segmentationNode is self._observedSegmentation:
             return
         if self._observedSegmentation is not None:
-            self.removeObserver(self._observedSegmentation, vtk.vtkCommand.ModifiedEvent, self._onSegmentsChanged)
+            for event in self._SEGMENT_EVENTS:
+                self.removeObserver(self._observedSegmentation, event, self._onSegmentsChanged)
         self._observedSegmentation = segmentationNode
         if segmentationNode is not None:
-            self.addObserver(segmentationNode, vtk.vtkCommand.ModifiedEvent, self._onSegmentsChanged)
+            for event in self._SEGMENT_EVENTS:
+                self.addObserver(segmentationNode, event, self._onSegmentsChanged)
 
     def _onSegmentsChanged(self, caller=None, event=None):
         self._fillSegmentList()
@@ -409,13 +417,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- prompt placement -----------------------------------------------------------------
     def _setTool(self, tool):
-        buttons = {"include": self.ui.includePointButton, "exclude": self.ui.excludePointButton,
-                   "box": self.ui.boxButton}
-        for name, button in buttons.items():
-            if name != tool and button.checked:
-                button.blockSignals(True)
-                button.checked = False
-                button.blockSignals(False)
+        self._uncheckTools(keep=tool)
         self._tool = tool
         self._boxCorner = None
         if tool is None:
@@ -424,6 +426,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._readyForPrompts():
             self._setTool(None)
             return
+        self._tool = tool  # (the checks above may have reset it)
         node = self.logic.promptNode("box" if tool == "box" else "points")
         if not self.hasObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onMarkupPlaced):
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onMarkupPlaced)
@@ -433,6 +436,23 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         interaction.SetPlaceModePersistence(1)
         interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def _onInteractionModeChanged(self, caller, event):
+        placing = caller.GetCurrentInteractionMode() == caller.Place
+        ours = slicer.app.applicationLogic().GetSelectionNode().GetActivePlaceNodeID() in {
+            n.GetID() for n in self.logic.promptNodes()}
+        if self._tool is not None and not (placing and ours):
+            self._uncheckTools()
+            self._tool = None
+            self._boxCorner = None
+
+    def _uncheckTools(self, keep=None):
+        for name, button in (("include", self.ui.includePointButton), ("exclude", self.ui.excludePointButton),
+                             ("box", self.ui.boxButton)):
+            if name != keep and button.checked:
+                button.blockSignals(True)
+                button.checked = False
+                button.blockSignals(False)
 
     def _stopPlacing(self):
         app_logic = slicer.app.applicationLogic() if slicer.app else None
@@ -469,7 +489,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif self._boxCorner is None:
             self._boxCorner = (ras, sliceNode)
         else:
-            first, firstSlice = self._boxCorner
+            first, _ = self._boxCorner
             self._boxCorner = None
             caller.RemoveAllControlPoints()
             self.placeBox(first, ras, sliceNode)
@@ -880,6 +900,9 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
         display.SetGlyphScale(2.0)
         self._promptNodes[kind] = node
         return node
+
+    def promptNodes(self):
+        return [n for n in self._promptNodes.values() if n.GetScene() is slicer.mrmlScene]
 
     def showBox(self, ras_a, ras_b, normal):
         """An ROI outlining a box prompt (display only)."""

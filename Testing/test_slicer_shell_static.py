@@ -261,3 +261,21 @@ def test_parameter_node_wrapper_api_matches_slicers_template():
             if p.get("name") == "SlicerParameterName":
                 assert p.get("stdset") == "0"
 
+
+
+def test_packaging_covers_every_module_file_and_declares_pytorch():
+    cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in cmake and "WITH_GENERIC_TESTS" in cmake
+    assert "MedSAM2Lib/*.py" in cmake and "medsam2/*.py" in cmake  # every engine and adapter file
+    for resource in re.findall(r"(Resources/[\w/${}.]+)", cmake):
+        path = ROOT / "MedSAM2Slicer" / resource.replace("${MODULE_NAME}", "MedSAM2")
+        assert path.is_file(), f"{path} listed in CMakeLists.txt is missing"
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(MedSAM2Slicer)" in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "MedSAM2.s4ext").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation"
+    from PIL import Image
+
+    for icon in (ROOT / "MedSAM2Slicer" / "Resources" / "Icons" / "MedSAM2.png", ROOT / "Resources" / "MedSAM2.png"):
+        assert Image.open(icon).size == (128, 128)
