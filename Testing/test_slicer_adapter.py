@@ -409,6 +409,14 @@ def test_shared_labelmap_layer_other_segment_and_other_slices_untouched(recorder
     now = _all_segments(scene, segmentation, volume, (seg_a, seg_b))
     for sid in (seg_a, seg_b):
         np.testing.assert_array_equal(now[sid], before[sid])
+    # a slice where B is absent is written straight into the shared layer; B stays as it was
+    segmentation.GetSegmentation().CollapseBinaryLabelmaps(True)
+    layers = segmentation.GetSegmentation().GetNumberOfLayers()
+    session_a.add_point(sf.ijk_to_ras(volume, (7, 6, 2)))
+    after = _all_segments(scene, segmentation, volume, (seg_a, seg_b))
+    np.testing.assert_array_equal(after[seg_b], before[seg_b])
+    assert np.flatnonzero((after[seg_a] != before[seg_a]).any(axis=(1, 2))).tolist() == [2]
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == layers
 
 
 def test_segmentation_on_another_grid_is_refused_with_advice(recorder):

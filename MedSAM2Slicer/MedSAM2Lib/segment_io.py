@@ -1,11 +1,14 @@
 """Read and write whole frames of one segment through its binary labelmap, nothing more.
 
-Writes go through vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment restricted to the
-extent of the frames that changed, the way Segment Editor effects modify a segment:
-a MERGE_MIN pass clears the segment's voxels outside the new mask inside that extent, then a
-MERGE_MASK pass sets the voxels inside it. Both passes touch only this segment's label value
-(when segments share a labelmap layer and would overlap, Slicer moves this segment to its own
-layer), so other segments and the rest of the volume are never rewritten.
+Only frames whose content changed are written, each run of consecutive frames as one extent.
+Usually the run is set straight in the segment's labelmap array (the labelmap is first grown
+once to the volume's grid) and the labelmap's Modified() tells the segmentation, as Slicer's
+util.arrayFromSegmentInternalBinaryLabelmap documents: the cost is that of the slab, not of the
+segment. Where that would overwrite another segment sharing the labelmap layer, the run goes
+through vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment instead, the way Segment
+Editor effects modify a segment: a MERGE_MIN pass clears the segment's voxels outside the new mask
+inside the extent, then a MERGE_MASK pass sets the voxels inside it, and Slicer moves the segment
+to its own layer. Either way only this segment's voxels in the changed frames change.
 (MODE_REPLACE is not used: on a shared layer it clears the whole segment, not just the extent.)
 """
 
@@ -156,27 +159,97 @@ class SegmentFrames:
         image = self._labelmap()
         if not self._is_empty(image):
             self._check_grid(image)  # else Slicer would resample the whole segment onto our slab
+        in_place = False
         for first, last in contiguous_runs(changed):
             ext = layout.extent(first, last)
             slab = np.stack([np.asarray(masks[f], dtype=bool) for f in range(first, last + 1)])
-            kji = np.ascontiguousarray(layout.slab_to_kji(slab), dtype=np.uint8)
-            modifier = self._oriented_image()
-            modifier.SetExtent(*ext)
-            modifier.SetImageToWorldMatrix(numpy_to_vtk_matrix(self.matrix))
-            modifier.GetPointData().SetScalars(numpy_support.numpy_to_vtk(kji.ravel(), deep=True,
-                                                                           array_type=vtk.VTK_UNSIGNED_CHAR))
-            logic = self._logic
-            ok = logic.SetBinaryLabelmapToSegment(modifier, self.node, self.segment_id, logic.MODE_MERGE_MIN, ext)
-            ok = logic.SetBinaryLabelmapToSegment(modifier, self.node, self.segment_id, logic.MODE_MERGE_MASK, ext) and ok
-            if not ok:
-                raise InputError(f"Slicer refused to write frames {first}-{last} into segment '{self.segment_id}'.")
+            kji = np.ascontiguousarray(layout.slab_to_kji(slab))
+            if self._write_in_place(ext, kji):
+                in_place = True
+            else:
+                self._write_with_slicer_logic(ext, kji)
             self.write_log.append(tuple(ext))
-        self.node.Modified()
+        if in_place:
+            # the segmentation observes its labelmaps: this refreshes views and derived representations
+            self._labelmap().Modified()
         return changed
+
+    def _write_in_place(self, ext, kji):
+        """Set the slab straight in the segment's labelmap array: O(slab), not O(segment).
+
+        Only where that is exactly what Slicer's logic would do: same voxel grid, the label value
+        fits the array's type, and no other segment of a shared layer lies under the new mask
+        (there, Slicer moves this segment to its own layer: the fallback does that).
+        """
+        image = self._labelmap()
+        if image is None:
+            return False
+        if self._is_empty(image):
+            self._allocate_full(image)  # empty: so is every segment sharing it (distinct labels)
+        elif not self._same_grid(image):
+            return False
+        elif not _contains(image.GetExtent(), ext):
+            self._pad_to_full(image)
+        values = _scalars(image)
+        label = self.segment().GetLabelValue()
+        if values is None or not np.issubdtype(values.dtype, np.integer) or np.iinfo(values.dtype).max < label:
+            return False
+        e = image.GetExtent()
+        region = values[ext[4] - e[4]:ext[5] - e[4] + 1, ext[2] - e[2]:ext[3] - e[2] + 1, ext[0] - e[0]:ext[1] - e[0] + 1]
+        others = (region != 0) & (region != label)
+        if (others & kji).any():
+            return False
+        region[(region == label) & ~kji] = 0
+        region[kji] = label
+        return True
+
+    def _full_extent(self):
+        d = self.volume.dims
+        return (0, d[0] - 1, 0, d[1] - 1, 0, d[2] - 1)
+
+    def _allocate_full(self, image):
+        """An empty labelmap becomes a zero array on the volume's whole grid."""
+        import vtk
+
+        image.SetExtent(*self._full_extent())
+        image.SetImageToWorldMatrix(numpy_to_vtk_matrix(self.matrix))
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        _scalars(image)[:] = 0
+
+    def _pad_to_full(self, image):
+        """Grow the labelmap to the volume's whole grid once (zero padding keeps every segment)."""
+        import vtk
+
+        pad = vtk.vtkImageConstantPad()
+        pad.SetInputData(image)
+        full = [min(a, b) if i % 2 == 0 else max(a, b) for i, (a, b) in enumerate(zip(self._full_extent(), image.GetExtent()))]
+        pad.SetOutputWholeExtent(*full)
+        pad.SetConstant(0)
+        pad.Update()
+        image.ShallowCopy(pad.GetOutput())  # as Slicer's own shrink/pad does; keeps the directions
+
+    def _write_with_slicer_logic(self, ext, kji):
+        import vtk
+        from vtk.util import numpy_support
+
+        modifier = self._oriented_image()
+        modifier.SetExtent(*ext)
+        modifier.SetImageToWorldMatrix(numpy_to_vtk_matrix(self.matrix))
+        modifier.GetPointData().SetScalars(numpy_support.numpy_to_vtk(kji.astype(np.uint8).ravel(), deep=True,
+                                                                       array_type=vtk.VTK_UNSIGNED_CHAR))
+        logic = self._logic
+        ok = logic.SetBinaryLabelmapToSegment(modifier, self.node, self.segment_id, logic.MODE_MERGE_MIN, ext)
+        ok = logic.SetBinaryLabelmapToSegment(modifier, self.node, self.segment_id, logic.MODE_MERGE_MASK, ext) and ok
+        if not ok:
+            raise InputError(f"Slicer refused to write frames {ext} into segment '{self.segment_id}'.")
 
 
 def _has_reference_geometry(node):
     return bool(node.GetSegmentation().GetConversionParameter("Reference image geometry"))
+
+
+def _contains(outer, inner):
+    return all(outer[2 * a] <= inner[2 * a] and inner[2 * a + 1] <= outer[2 * a + 1] for a in range(3))
 
 
 def _image_to_world(image):
