@@ -81,6 +81,13 @@ class Model:
             raise InputError("memory_bank settings apply only to memory='self-sorting'")
         return Session(self, frames, self._feature_cache_for(frames, feature_cache_mb), bank_params)
 
+    def open_images(self, images, memory="self-sorting", window=None, memory_bank=None, feature_cache_mb=None):
+        """One-prompt session on a set of unrelated 2D images of any sizes (see image_set.py)."""
+        from .image_set import open_images
+
+        return open_images(self, images, memory=memory, window=window, memory_bank=memory_bank,
+                           feature_cache_mb=feature_cache_mb)
+
     def _feature_cache_for(self, frames: FrameSource, ram_mb=None) -> FeatureCache:
         key = frames.fingerprint()
         with self.lock:

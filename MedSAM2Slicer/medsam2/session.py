@@ -142,7 +142,7 @@ class Session:
 
     # -- propagation ------------------------------------------------------------------------
     def propagate(self, direction="both", start=None, stop=None, cancel: threading.Event | None = None,
-                  probabilities=False):
+                  probabilities=False, axes=None):
         """Track the objects through the volume; yields (frame, {obj_id: mask}) as frames finish.
 
         Default (start=None): from the earliest prompted frame to the end and (for "both") back to
@@ -152,7 +152,12 @@ class Session:
         `stop` is the last frame to reach: an int for forward/backward, a (low, high) pair for both.
         `cancel` is checked before every frame; finished frames are kept.
         probabilities=True yields (frame, masks, {obj_id: float32 probability (rows, cols)}) instead.
+        axes="all": propagate along all three axes of the volume and fuse them (see fusion.py).
         """
+        if axes not in (None, "one"):
+            from .fusion import propagate_all_axes
+
+            return propagate_all_axes(self, direction, start, stop, cancel, probabilities, axes)
         if direction not in DIRECTIONS:
             raise InputError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
         if not self._state["obj_ids"]:
