@@ -258,3 +258,35 @@ def test_prompt_history_and_probabilities(model, ct_slab):
     for frame, masks, probs in s.propagate("forward", stop=4, probabilities=True):
         assert probs[1].dtype == np.float32 and probs[1].shape == masks[1].shape
         assert np.array_equal(probs[1] > 0.5, masks[1]) or np.abs(probs[1] - 0.5).min() < 1e-6
+
+
+@pytest.mark.parametrize("memory", ["sam2", "self-sorting"])
+def test_clearing_a_correction_then_redoing_it_gives_the_same_mask(model, ct_slab, memory):
+    """Undo/redo in Slicer: clear a correction's prompts, add the same prompt again."""
+    s = model.open(ct_slab, memory=memory)
+    s.add_prompt(2, points=[[64, 64]], labels=[1])
+    list(s.propagate("forward"))
+    first = s.add_prompt(6, points=[[30, 90]], labels=[0])
+    s.clear_prompts(6, 1)
+    assert s.conditioning_frames(1) == [2]
+    again = s.add_prompt(6, points=[[30, 90]], labels=[0])
+    np.testing.assert_array_equal(again, first)
+    assert np.array_equal(s.frame_masks(6)[1], first)
+
+
+def test_encode_ahead_changes_nothing_but_time(model, ct_slab):
+    def run(lookahead):
+        model.prefetch_lookahead = lookahead
+        model._feature_caches.clear()  # start cold: every frame must be encoded
+        s = model.open(ct_slab, memory="sam2")
+        s.add_prompt(3, points=[[64, 64]], labels=[1])
+        list(s.propagate("both"))
+        assert "prefetcher" not in s._state  # stopped and removed after each pass
+        return s.mask(1)
+
+    saved = model.prefetch_lookahead
+    try:
+        plain, ahead = run(0), run(3)
+    finally:
+        model.prefetch_lookahead = saved
+    np.testing.assert_array_equal(plain, ahead)

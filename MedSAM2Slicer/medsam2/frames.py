@@ -121,6 +121,7 @@ class FrameSource:
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=16)
             h.update(str((self.volume.shape, str(self.volume.dtype), self.window, self.image_size)).encode())
-            h.update(np.ascontiguousarray(self.volume).data)
+            for k in range(self.volume.shape[0]):  # slice by slice: a transposed view is never copied whole
+                h.update(np.ascontiguousarray(self.volume[k]).data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 import weakref
@@ -12,6 +13,7 @@ from .errors import InputError
 from .features import FeatureCache
 from .frames import FrameSource
 from .memory_bank import BankParams
+from .prefetch import FramePrefetcher
 from .session import Session
 
 MEMORY_MODES = ("self-sorting", "sam2")
@@ -53,6 +55,13 @@ class Model:
         self.weights_are_random = bool(weights_are_random)
         self.spec = spec
         self.lock = threading.RLock()
+        # Speed settings (docs/performance.md). On CUDA: bfloat16 autocast, as the official demos
+        # run SAM2, and the encoder runs ahead in batches. On CPU: float32 (exactly the official
+        # results) and one frame encoded ahead of the tracker on a background thread.
+        cuda = self.device.type == "cuda"
+        self.mixed_precision = cuda and torch.cuda.is_bf16_supported()
+        self.prefetch_lookahead = 16 if cuda else 2  # frames; 0 turns encode-ahead off
+        self.encode_batch = 8 if cuda else 1
         # sessions on the same frames (e.g. one per segment) share one feature cache
         self._feature_caches = weakref.WeakValueDictionary()
 
@@ -87,6 +96,23 @@ class Model:
 
         return open_images(self, images, memory=memory, window=window, memory_bank=memory_bank,
                            feature_cache_mb=feature_cache_mb)
+
+    def autocast(self):
+        """The precision context every model call runs in."""
+        if self.mixed_precision:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prefetcher(self, inference_state, order):
+        """A background encoder for one propagation pass, or None when encode-ahead is off."""
+        cache = inference_state.get("feature_cache")
+        if self.prefetch_lookahead <= 0 or cache is None or all(f in cache for f in order):
+            return None
+        prefetcher = FramePrefetcher(self.predictor, inference_state["images"], cache, self.device, order,
+                                     lookahead=self.prefetch_lookahead, batch_size=self.encode_batch,
+                                     autocast=self.autocast)
+        inference_state["prefetcher"] = prefetcher
+        return prefetcher
 
     def _feature_cache_for(self, frames: FrameSource, ram_mb=None) -> FeatureCache:
         key = frames.fingerprint()

@@ -50,6 +50,10 @@ class MedSAM2Predictor(SAM2VideoPredictor):
             return super()._get_image_feature(inference_state, frame_idx, batch_size)
         device = inference_state["device"]
         backbone_out = cache.get(frame_idx, device)
+        prefetcher = inference_state.get("prefetcher")
+        if backbone_out is None and prefetcher is not None:
+            prefetcher.wait_for(frame_idx)  # it may be encoding this very frame right now
+            backbone_out = cache.get(frame_idx, device)
         if backbone_out is None:
             image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
             backbone_out = self.forward_image(image)

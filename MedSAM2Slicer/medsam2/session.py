@@ -54,6 +54,8 @@ class Session:
         }
         self._masks: dict[int, dict[int, np.ndarray]] = {}  # obj_id -> frame -> packed bits
         self._prompts: list[dict] = []  # every accepted prompt, in order (replay, other axes, undo)
+        # what a frame held before its first prompt, so clearing the prompts restores it exactly
+        self._before_prompt: dict[tuple[int, int], tuple] = {}
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -104,11 +106,12 @@ class Session:
         """
         frame = self._check_frame(frame)
         obj_id = self._check_obj_id(obj_id)
+        self._remember_before_prompt(obj_id, frame)
         if mask is not None:
             if points is not None or box is not None:
                 raise InputError("give either a mask or points/box for a frame, not both")
             mask_t = self._check_mask(mask)
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode(), self.model.autocast():
                 self._discard_bank_frame(obj_id, frame)
                 _, obj_ids, logits = self._predictor.add_new_mask(self._state, frame, obj_id, mask_t)
             self._forget_prompts(obj_id, frame)
@@ -119,7 +122,7 @@ class Session:
             box_arr = self._check_box(box)
             if pts is None and box_arr is None:
                 raise InputError("a prompt needs points (with labels), a box, or a mask")
-            with self._lock, torch.inference_mode():
+            with self._lock, torch.inference_mode(), self.model.autocast():
                 existing = self._state["point_inputs_per_obj"].get(
                     self._state["obj_id_to_idx"].get(obj_id), {}).get(frame)
                 self._discard_bank_frame(obj_id, frame)
@@ -133,11 +136,26 @@ class Session:
         return result[obj_id]
 
     def clear_prompts(self, frame, obj_id) -> None:
-        """Forget one object's prompts on one frame (it is no longer conditioning)."""
+        """Forget one object's prompts on one frame (it is no longer conditioning).
+
+        The frame gets back what it held before its first prompt (its propagated result, or
+        nothing), so re-adding the same prompts later (redo) gives the same mask as the first time.
+        """
         frame = self._check_frame(frame)
-        self._known_obj(obj_id)
+        obj_idx = self._known_obj(obj_id)
         with self._lock, torch.inference_mode():
             self._predictor.clear_all_prompts_in_frame(self._state, frame, obj_id, need_output=False)
+            before = self._before_prompt.pop((obj_id, frame), None)
+            if before is not None:
+                out, tracked = before
+                non_cond = self._state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"]
+                tracked_frames = self._state["frames_tracked_per_obj"][obj_idx]
+                non_cond.pop(frame, None)
+                tracked_frames.pop(frame, None)
+                if out is not None:
+                    non_cond[frame] = out
+                if tracked is not None:
+                    tracked_frames[frame] = tracked
         self._forget_prompts(obj_id, frame)
 
     # -- propagation ------------------------------------------------------------------------
@@ -194,16 +212,28 @@ class Session:
         if (last - first) * step < 0:
             return True
         order = range(first, last + step, step)
+        prefetcher = self.model.prefetcher(self._state, order)
+        try:
+            finished = yield from self._track_frames(order, reverse, first, cancel, probabilities, prefetcher)
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
+                self._state.pop("prefetcher", None)
+        return finished
+
+    def _track_frames(self, order, reverse, first, cancel, probabilities, prefetcher):
         with self._lock, torch.inference_mode():
             self._predictor.propagate_in_video_preflight(self._state)
             for obj_idx, out_dict in self._state["output_dict_per_obj"].items():
                 bank = out_dict.get(BANK_KEY)
                 if bank is not None:  # memories of slices about to be redone are stale
                     bank.discard(f for f in order if f != first)
-        for frame in order:
+        for position, frame in enumerate(order):
             if cancel is not None and cancel.is_set():
                 return False
-            with self._lock, torch.inference_mode():
+            if prefetcher is not None:
+                prefetcher.advance(position)
+            with self._lock, torch.inference_mode(), self.model.autocast():
                 logits = self._track_frame(frame, reverse)
                 _, video_res = self._predictor._get_orig_video_res_output(self._state, logits)
                 masks = self._store(frame, self._state["obj_ids"], video_res)
@@ -264,6 +294,7 @@ class Session:
             self._predictor.remove_object(self._state, obj_id, strict=True, need_output=False)
         self._masks.pop(obj_id, None)
         self._prompts = [p for p in self._prompts if p["obj_id"] != obj_id]
+        self._before_prompt = {k: v for k, v in self._before_prompt.items() if k[0] != obj_id}
 
     def reset(self) -> None:
         """Forget every prompt, object and result; cached image features are kept."""
@@ -271,6 +302,7 @@ class Session:
             self._predictor.reset_state(self._state)
         self._masks.clear()
         self._prompts.clear()
+        self._before_prompt.clear()
 
     def close(self) -> None:
         self.reset()
@@ -294,6 +326,19 @@ class Session:
             bank = self._state["output_dict_per_obj"][idx].get(BANK_KEY)
             if bank is not None:  # a conditioning frame is never a bank entry
                 bank.discard([frame])
+
+    def _remember_before_prompt(self, obj_id, frame):
+        if (obj_id, frame) in self._before_prompt:
+            return
+        idx = self._state["obj_id_to_idx"].get(obj_id)
+        if idx is None:
+            self._before_prompt[(obj_id, frame)] = (None, None)
+            return
+        out_dict = self._state["output_dict_per_obj"][idx]
+        if frame in out_dict["cond_frame_outputs"]:
+            return  # already conditioning with no record: nothing earlier to restore
+        self._before_prompt[(obj_id, frame)] = (out_dict["non_cond_frame_outputs"].get(frame),
+                                                self._state["frames_tracked_per_obj"][idx].get(frame))
 
     def _forget_prompts(self, obj_id, frame):
         self._prompts = [p for p in self._prompts if not (p["obj_id"] == obj_id and p["frame"] == frame)]
