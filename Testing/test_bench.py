@@ -1,0 +1,21 @@
+"""`medsam2 bench` runs the official predictor and our engine in separate processes and prints the table."""
+
+from medsam2.cli import main
+
+
+def test_bench_prints_the_table_and_sam2_mode_is_identical(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code = main(["bench", "--model", "sam2.1_hiera_tiny", "--image-size", "256", "--slices", "6",
+                 "--variants", "official,sam2", "--device", "cpu", "--json", str(out_json)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in text  # no checkpoint given: it says so
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    for column in ("first prompt s", "propagate both s", "correction s", "slices/s", "peak RSS MB", "identical"):
+        assert column in header
+    import json
+
+    rows = {r["variant"]: r for r in json.loads(out_json.read_text())}
+    assert rows["sam2"]["identical_to_official"] is True
+    assert 0.0 < rows["sam2"]["mask_fraction"] < 1.0  # the compared masks are not trivially empty/full
+    assert rows["official"]["peak_rss_mb"] > 0 and rows["sam2"]["cached_click_s"] is not None
