@@ -143,6 +143,9 @@ def test_local_and_remote_sessions_give_identical_masks(model, client):
     labels = remote.masks()
     assert labels.dtype == np.uint16 and np.array_equal(labels, local.masks())
     assert labels.any(), "the comparison needs some foreground to mean anything"
+    for frame in (0, 4):
+        got, want = remote.frame_masks(frame), local.frame_masks(frame)
+        assert sorted(got) == sorted(want) and all(np.array_equal(got[o], want[o]) for o in want)
 
     remote.remove_object(2)
     local.remove_object(2)

@@ -340,6 +340,13 @@ class RemoteSession:
         response = self._call("GET", "/masks", "get masks")
         return wire.decode_array(response.headers, response.content)
 
+    def frame_masks(self, frame):
+        """Every object's current mask on one frame: {obj_id: bool (rows, cols)}."""
+        data = self._call("GET", f"/frames/{_as_int(frame, 'frame')}", "get frame").json()["masks"]
+        for obj, enc in data.items():
+            self._mirror.setdefault(int(obj), {})[int(frame)] = enc
+        return {int(obj): wire.decode_mask(enc, self.frame_shape) for obj, enc in data.items()}
+
     def propagate(self, direction="both", start=None, stop=None, cancel=None):
         """Generator of (frame, {obj_id: bool mask}) as the server finishes frames.
 
