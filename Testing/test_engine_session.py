@@ -290,3 +290,22 @@ def test_encode_ahead_changes_nothing_but_time(model, ct_slab):
     finally:
         model.prefetch_lookahead = saved
     np.testing.assert_array_equal(plain, ahead)
+
+
+def test_bfloat16_precision_is_opt_in_and_close_to_float32(random_checkpoint, ct_slab, model):
+    assert model.precision == "float32" and not model.mixed_precision  # CPU default: exact
+    fast = medsam2.load_model("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu",
+                              image_size=model.image_size, precision="bfloat16")
+    assert fast.mixed_precision
+    results = []
+    for m in (model, fast):
+        s = m.open(ct_slab, memory="sam2")
+        s.add_prompt(4, points=[[64, 64]], labels=[1])
+        list(s.propagate("forward", stop=6))
+        results.append(s.mask(1)[4:7])
+    agreement = (results[0] == results[1]).mean()
+    assert agreement > 0.9  # same segmentation up to bf16 rounding at the mask borders
+    assert fast._feature_caches  # its feature cache stores bfloat16
+    assert next(iter(fast._feature_caches.values())).dtype == torch.bfloat16
+    with pytest.raises(medsam2.InputError, match="precision"):
+        medsam2.load_model("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu", precision="half")

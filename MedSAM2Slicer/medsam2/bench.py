@@ -50,7 +50,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_variant(variant, model_name, checkpoint, image_size, slices, device, masks_out) -> dict:
+def run_variant(variant, model_name, checkpoint, image_size, slices, device, masks_out, precision="auto") -> dict:
     """One variant in this process; returns its timings and writes its final masks to `masks_out`."""
     import warnings
 
@@ -63,14 +63,15 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
 
     volume = chest_volume(slices)
     mid, fix = slices // 2, (3 * slices) // 4
-    model = medsam2.load_model(model_name, checkpoint=checkpoint, device=device, image_size=image_size)
+    model = medsam2.load_model(model_name, checkpoint=checkpoint, device=device, image_size=image_size,
+                               precision="auto" if variant == "official" else precision)
     dev = model.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = _peak_rss_mb()
     result = {"variant": variant, "slices": slices, "image_size": model.image_size, "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "random_weights": model.weights_are_random}
+              "random_weights": model.weights_are_random, "precision": model.precision}
 
     if variant == "official":
         from sam2.build_sam import build_sam2_video_predictor
@@ -140,7 +141,8 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
     return result
 
 
-def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", variants=VARIANTS, log=print):
+def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", variants=VARIANTS, log=print,
+              precision="auto"):
     """Run every variant for every slice count in fresh processes; returns the list of results."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +155,8 @@ def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", v
             masks = {}
             for variant in variants:
                 out = Path(tmp) / f"{variant}-{slices}.npy"
-                args = json.dumps([variant, model_name, str(checkpoint), image_size, slices, device, str(out)])
+                args = json.dumps([variant, model_name, str(checkpoint), image_size, slices, device, str(out),
+                                   precision])
                 log(f"  running {variant} on {slices} slices ...")
                 proc = subprocess.run([sys.executable, "-m", "medsam2.bench", "--worker", args],
                                       capture_output=True, text=True, env=_worker_env())
@@ -177,9 +180,9 @@ def _worker_env():
 
 
 def format_table(results) -> str:
-    cols = ["variant", "slices", "image_size", "device_name", "first_prompt_s", "propagate_s", "correction_s",
+    cols = ["variant", "slices", "image_size", "device_name", "precision", "first_prompt_s", "propagate_s", "correction_s",
             "cached_click_s", "slices_per_s", "peak_rss_mb", "peak_gpu_mb", "identical_to_official"]
-    head = ["variant", "slices", "size", "device", "first prompt s", "propagate both s", "correction s",
+    head = ["variant", "slices", "size", "device", "precision", "first prompt s", "propagate both s", "correction s",
             "cached click s", "slices/s", "peak RSS MB", "peak GPU MB", "identical"]
 
     def cell(value):
@@ -220,5 +223,4 @@ def format_table(results) -> str:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
-    variant, name, ckpt, size, n, device, masks_out = json.loads(sys.argv[2])
-    print(json.dumps(run_variant(variant, name, ckpt, size, n, device, masks_out)))
+    print(json.dumps(run_variant(*json.loads(sys.argv[2]))))

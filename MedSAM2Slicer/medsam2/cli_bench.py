@@ -10,6 +10,8 @@ def add_arguments(p):
     p.add_argument("--slices", default="20", help="slice count(s), e.g. 20 or 20,200 (memory flatness)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--variants", default="official,sam2,self-sorting", help="which of official,sam2,self-sorting")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="our engine's precision (auto: bfloat16 on CUDA, float32 on CPU = identical to official)")
     p.add_argument("--json", help="also write the results as JSON to this file")
 
 
@@ -31,7 +33,7 @@ def run(args):
         raise InputError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     size = args.image_size or spec.image_size
     results = run_bench(spec.name, args.checkpoint, size, counts, args.device, variants,
-                        log=lambda m: print(m, flush=True))
+                        log=lambda m: print(m, flush=True), precision=args.precision)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -43,10 +43,26 @@ def pick_device(device="auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision, device: torch.device) -> str:
+    """'auto': bfloat16 autocast on CUDA GPUs that support it, float32 elsewhere (CPU float32 gives
+    exactly the official predictor's masks; CPU bfloat16 is faster where the CPU has bf16 units)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if precision == "bfloat16" and device.type == "mps":
+        raise InputError("bfloat16 autocast is not supported on Apple MPS here; use precision='float32'")
+    return precision
+
+
 class Model:
     """What `load_model` returns. Thread-safe: one lock serialises use of the network."""
 
-    def __init__(self, predictor, name, image_size, device, checkpoint_path=None, weights_are_random=False, spec=None):
+    def __init__(self, predictor, name, image_size, device, checkpoint_path=None, weights_are_random=False, spec=None,
+                 precision="auto"):
         self.predictor = predictor
         self.name = name
         self.image_size = int(image_size)
@@ -57,9 +73,10 @@ class Model:
         self.lock = threading.RLock()
         # Speed settings (docs/performance.md). On CUDA: bfloat16 autocast, as the official demos
         # run SAM2, and the encoder runs ahead in batches. On CPU: float32 (exactly the official
-        # results) and one frame encoded ahead of the tracker on a background thread.
+        # results) unless bfloat16 is asked for, and frames encoded ahead on a background thread.
         cuda = self.device.type == "cuda"
-        self.mixed_precision = cuda and torch.cuda.is_bf16_supported()
+        self.precision = resolve_precision(precision, self.device)
+        self.mixed_precision = self.precision == "bfloat16"
         self.prefetch_lookahead = 16 if cuda else 2  # frames; 0 turns encode-ahead off
         self.encode_batch = 8 if cuda else 1
         # sessions on the same frames (e.g. one per segment) share one feature cache
@@ -119,15 +136,17 @@ class Model:
         with self.lock:
             cache = self._feature_caches.get(key)
             if cache is None:
-                cache = FeatureCache(ram_mb=ram_mb)
+                # bfloat16 runs store features in bfloat16 too: half the memory, nothing lost
+                cache = FeatureCache(ram_mb=ram_mb, dtype=torch.bfloat16 if self.mixed_precision else torch.float32)
                 self._feature_caches[key] = cache
             return cache
 
 
-def load_model(name, checkpoint=None, device="auto", image_size=None) -> Model:
+def load_model(name, checkpoint=None, device="auto", image_size=None, precision="auto") -> Model:
     """Load a registry model: `checkpoint` is a local file, or None for the verified cached download.
 
     image_size overrides the registry's input size (smaller is faster, at some cost in detail).
+    precision: "auto" (bfloat16 on CUDA, float32 elsewhere), "float32" or "bfloat16".
     """
     from . import checkpoints, registry
     from .build import build_predictor
@@ -137,6 +156,7 @@ def load_model(name, checkpoint=None, device="auto", image_size=None) -> Model:
     if size % 32 or size < 128:
         raise InputError(f"image_size must be a multiple of 32 and at least 128; got {size}")
     dev = pick_device(device)
+    resolve_precision(precision, dev)  # refuse a bad value before any download or build
     path = checkpoints.resolve(name, checkpoint)
     ckpt = checkpoints.read_checkpoint(path)
     predictor = build_predictor(spec.config, size, "cpu", spec.hydra_overrides)
@@ -144,4 +164,5 @@ def load_model(name, checkpoint=None, device="auto", image_size=None) -> Model:
     predictor = predictor.to(dev).eval()
     if ckpt.random_weights:
         warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
-    return Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec)
+    return Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec,
+                 precision=precision)
