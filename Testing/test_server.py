@@ -765,3 +765,17 @@ def test_serve_end_to_end(random_checkpoint, tmp_path):
             output, _ = proc.communicate()
     assert "token required" in output and "RANDOM WEIGHTS" in output
     assert TOKEN not in output
+
+
+def test_slicer_refuses_a_server_running_random_weights_unless_allowed(server):
+    """A remote model is refused on the same grounds as a local random checkpoint."""
+    from medsam2.errors import CheckpointError
+
+    from MedSAM2Lib.models import ModelHolder, ModelSettings
+
+    settings = ModelSettings(name="sam2.1_hiera_tiny", server_url=server.url, token=TOKEN)
+    with pytest.raises(CheckpointError, match=f"server at {server.url} holds random test weights"):
+        ModelHolder(settings).get()
+    holder = ModelHolder(ModelSettings(**{**settings.__dict__, "allow_random": True}))
+    assert holder.get().weights_are_random
+    assert_healthy(server.url)

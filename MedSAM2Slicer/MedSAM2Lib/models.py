@@ -61,17 +61,22 @@ class ModelHolder:
 
         s = self.settings
         if s.server_url:
-            return medsam2.connect(s.server_url, s.token or None)
-        checkpoint = s.checkpoint or None
-        if checkpoint is None:
-            from medsam2 import checkpoints
+            model = medsam2.connect(s.server_url, s.token or None)
+            source = f"the server at {s.server_url}"
+        else:
+            checkpoint = s.checkpoint or None
+            if checkpoint is None:
+                from medsam2 import checkpoints
 
-            checkpoint = checkpoints.download(s.name, progress=False, cancel=cancel, on_progress=on_progress)
-        model = medsam2.load_model(s.name, checkpoint=checkpoint, device=s.device, image_size=s.image_size or None)
+                checkpoint = checkpoints.download(s.name, progress=False, cancel=cancel, on_progress=on_progress)
+            model = medsam2.load_model(s.name, checkpoint=checkpoint, device=s.device,
+                                       image_size=s.image_size or None)
+            source = str(checkpoint)
+        # the same refusal for a local file and for a server that runs test weights
         if getattr(model, "weights_are_random", False) and not s.allow_random:
             raise CheckpointError(
-                f"{checkpoint} holds random test weights, not a trained model: its masks would be "
-                "meaningless. Choose a registry model (leave the checkpoint field empty) or a trained "
-                "checkpoint file. (Developers can allow test weights by turning on Developer mode in "
-                "Application Settings > Developer.)")
+                f"{source} holds random test weights, not a trained model: its masks would be "
+                "meaningless. Choose a registry model (leave the checkpoint field empty), a trained "
+                "checkpoint file, or a server running one. (Developers can allow test weights by turning "
+                "on Developer mode in Application Settings > Developer.)")
         return model
