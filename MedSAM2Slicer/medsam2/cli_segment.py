@@ -29,6 +29,9 @@ def add_arguments(p):
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
                    help="numpy axis of the (k, j, i) voxel array to propagate along: 0 = slices k (default; "
                         "axial for an axial scan), 1 = rows j, 2 = columns i")
+    p.add_argument("--axes", default="one", choices=("one", "all"),
+                   help="one: propagate along --axis (default); all: along all three axes, fused per voxel by "
+                        "the mean of probabilities (docs/modes.md)")
     p.add_argument("--image-size", type=int, metavar="N",
                    help="model input size in pixels (default: the model's own; smaller is faster, for tests)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
@@ -70,9 +73,9 @@ def run(args):
 
     # 3. propagate: forward from the first prompted frame to the end, then back from it to frame 0
     started = time.perf_counter()
-    bar = _progress(frames.shape[0] + 1)
+    bar = _progress(frames.shape[0] + 1 if args.axes == "one" else _fusion_steps(frames.shape))
     try:
-        for _frame, _masks in session.propagate(direction="both"):
+        for _frame, _masks in session.propagate(direction="both", axes=args.axes):
             bar.update(1)
     finally:
         bar.close()
@@ -105,6 +108,12 @@ def run(args):
 
 def _say(text):
     print(text, file=sys.stderr)
+
+
+def _fusion_steps(shape):
+    from .fusion import total_steps
+
+    return total_steps(shape)
 
 
 def _progress(total):
