@@ -88,6 +88,8 @@ class MedSAM2ParameterNode:
     checkpointFile: str = ""
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
     memory: Annotated[str, Choice(["self-sorting", "sam2"])] = "self-sorting"
+    axes: Annotated[str, Choice(["one", "all"])] = "one"
+    imageSet: bool = False
     useDisplayWindow: bool = True
     windowLow: float = -160.0
     windowHigh: float = 240.0
@@ -596,7 +598,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         try:
             return self.logic.session(p.volume, p.segmentation, p.segmentId, self.modelSettings(),
-                                      p.memory, self._window(), create=create)
+                                      p.memory, self._window(), create=create, axes=p.axes, image_set=p.imageSet)
         except Exception as exc:
             if not quiet:
                 self._showError(exc)
@@ -856,11 +858,11 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
         return holder
 
     def session(self, volumeNode, segmentationNode, segmentId, settings, memory="self-sorting", window=None,
-                create=True):
+                create=True, axes="one", image_set=False):
         from MedSAM2Lib import SegmentationSession
 
         target = (volumeNode.GetID(), segmentationNode.GetID(), segmentId)
-        key = (settings, memory, tuple(window) if window else None)
+        key = (settings, memory, tuple(window) if window else None, axes, bool(image_set))
         entry = self._sessions.get(target)
         if entry is not None and entry[0] == key:
             return entry[1]
@@ -869,7 +871,7 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
         if entry is not None:
             entry[1].close()
         session = SegmentationSession(volumeNode, segmentationNode, segmentId, self.modelHolder(settings),
-                                      memory=memory, window=window)
+                                      memory=memory, window=window, axes=axes, image_set=image_set)
         self._sessions[target] = (key, session)
         return session
 

@@ -537,3 +537,42 @@ def test_model_holder_refuses_random_weights_unless_allowed(random_checkpoint):
     assert holder.loaded and session.num_frames == 2
     with pytest.raises(ValueError, match="Device must be one of"):
         ModelHolder(ModelSettings(device="tpu"))
+
+
+def test_fused_axes_write_the_engines_fused_volume(model):
+    """axes='all': the segment receives the engine's three-axis fused masks on every slice."""
+    from medsam2.errors import InputError
+
+    scene, volume, segmentation, (seg_a, seg_b) = _scene_for("lps")
+    session = _session(volume, segmentation, seg_a, model, axes="all")
+    session.add_point(sf.ijk_to_ras(volume, (7, 6, 3)))
+    with pytest.raises(InputError, match="Fusing all three axes"):
+        session.propagate("forward")
+    session.propagate("both")
+    state = session._axes[session._last_axis]
+    fused = state.layout.slab_to_kji(state.engine.mask(1))  # the engine's fused result, KJI order
+    written = sf.segment_array(scene, segmentation, seg_a, volume)
+    prompted = {f for f, p in state.prompts.items() if p}
+    for k in range(SHAPE[0]):
+        if k in prompted:  # a prompted slice keeps what its prompt gave
+            continue
+        assert np.array_equal(written[k], fused[k]), f"slice {k}"
+    assert fused.any() and not sf.segment_array(scene, segmentation, seg_b, volume).any()
+    with pytest.raises(InputError, match="Axes must be"):
+        _session(volume, segmentation, seg_b, model, axes="three")
+
+
+def test_image_set_mode_segments_every_slice_without_slice_order(model):
+    """image_set=True: slices are independent images; one prompt gives every slice a mask."""
+    scene, volume, segmentation, (seg_a, _) = _scene_for("lps")
+    session = _session(volume, segmentation, seg_a, model, image_set=True)
+    session.add_point(sf.ijk_to_ras(volume, (7, 6, 3)))
+    state = session._axes[session._last_axis]
+    assert type(state.engine).__name__ != "Session"  # the engine's image-set session, not a volume one
+    session.propagate("both")
+    written = sf.segment_array(scene, segmentation, seg_a, volume)
+    engine = state.layout.slab_to_kji(np.stack([state.engine.mask(1)[f] for f in range(SHAPE[0])]))
+    prompted = {f for f, p in state.prompts.items() if p}
+    for k in set(range(SHAPE[0])) - prompted:
+        assert np.array_equal(written[k], engine[k]), f"slice {k}"
+    assert written.sum(axis=(1, 2)).min() > 0, "every image got a mask"

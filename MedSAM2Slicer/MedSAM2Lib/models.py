@@ -51,6 +51,13 @@ class ModelHolder:
     def open(self, volume, **kwargs):
         return self.get().open(volume, **kwargs)
 
+    def open_images(self, images, **kwargs):
+        model = self.get()
+        if not hasattr(model, "open_images"):
+            raise InputError("2D image set mode runs on a local model only; the remote server does not offer it. "
+                             "Clear the server URL, or turn the 2D image set option off.")
+        return model.open_images(images, **kwargs)
+
     def close(self):
         model, self._model = self._model, None
         if model is not None and hasattr(model, "close"):

@@ -120,7 +120,8 @@ class _Job:
         state = self.state
         if state.engine is None:
             frames = state.layout.frames(self.owner._array)
-            state.engine = self.owner.model.open(frames, memory=self.owner.memory, window=self.owner.window)
+            opener = self.owner.model.open_images if self.owner.image_set else self.owner.model.open
+            state.engine = opener(frames, memory=self.owner.memory, window=self.owner.window)
         ops, self._ops = self._ops, []
         i = 0
         try:
@@ -175,8 +176,10 @@ class PropagationJob(_Job):
         """Engine side: yields (frame, bool mask) as the engine finishes them. No scene access."""
         try:
             engine = self._engine()
+            # fused runs first yield progress items without masks, then every fused frame
+            extra = {"axes": "all"} if self.owner.axes == "all" else {}
             for frame, masks in engine.propagate(direction=self.direction, start=self.start,
-                                                 stop=self.stop, cancel=cancel):
+                                                 stop=self.stop, cancel=cancel, **extra):
                 mask = masks.get(OBJ_ID)
                 if mask is not None:
                     yield int(frame), np.asarray(mask, dtype=bool)
@@ -220,13 +223,19 @@ class SegmentationSession:
     window/level (read once, here).
     """
 
-    def __init__(self, volumeNode, segmentationNode, segmentId, model, memory="self-sorting", window=None):
+    def __init__(self, volumeNode, segmentationNode, segmentId, model, memory="self-sorting", window=None,
+                 axes="one", image_set=False):
         if volumeNode is None or segmentationNode is None:
             raise InputError("Select a volume and a segmentation first.")
         if not segmentId:
             raise InputError("Select a segment (or add one) first.")
         self.volume_node, self.segmentation_node, self.segment_id = volumeNode, segmentationNode, segmentId
         self.model, self.memory = model, memory
+        if axes not in ("one", "all"):
+            raise InputError(f"Axes must be 'one' or 'all'; got {axes!r}.")
+        # axes="all": propagate along the three axes and fuse (medsam2.fusion); image_set: the
+        # slices are independent 2D images, segmented without slice order (medsam2.image_set)
+        self.axes, self.image_set = axes, bool(image_set)
         self.geometry = VolumeGeometry(volumeNode)
         self.window = tuple(float(v) for v in window) if window is not None else display_window(volumeNode)
         self._array = volume_array(volumeNode)
@@ -344,6 +353,9 @@ class SegmentationSession:
             along = float(np.dot(self.geometry.world_direction_of_axis(axis), state.normal)) > 0
             direction = "forward" if along == (direction == "up") else "backward"
         n = state.layout.num_frames
+        if self.axes == "all" and (direction != "both" or start is not None or slice_range is not None):
+            raise InputError("Fusing all three axes runs the whole volume in both directions: use 'both' "
+                             "without a slice range or refine, or set Axes to 'one' for that.")
         if start is not None and not 0 <= int(start) < n:
             raise InputError(f"Slice {start} is outside the volume (0..{n - 1}).")
         origin = int(start) if start is not None else prompted[0]
