@@ -779,3 +779,11 @@ def test_slicer_refuses_a_server_running_random_weights_unless_allowed(server):
     holder = ModelHolder(ModelSettings(**{**settings.__dict__, "allow_random": True}))
     assert holder.get().weights_are_random
     assert_healthy(server.url)
+
+
+def test_remote_session_refuses_multi_axis_fusion_clearly(client):
+    session = client.open(make_volume())
+    session.add_prompt(3, points=[[32, 30]], labels=[1])
+    with pytest.raises(medsam2.InputError, match="axes='all'.*local model only"):
+        session.propagate(axes="all")
+    assert [f for f, _ in session.propagate("forward", stop=4)] == [3, 4]

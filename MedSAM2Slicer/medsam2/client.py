@@ -347,13 +347,16 @@ class RemoteSession:
             self._mirror.setdefault(int(obj), {})[int(frame)] = enc
         return {int(obj): wire.decode_mask(enc, self.frame_shape) for obj, enc in data.items()}
 
-    def propagate(self, direction="both", start=None, stop=None, cancel=None):
+    def propagate(self, direction="both", start=None, stop=None, cancel=None, axes=None):
         """Generator of (frame, {obj_id: bool mask}) as the server finishes frames.
 
         Arguments are checked at the call (as locally); frames come as they finish. cancel: a
         threading.Event; once set, no further frame is yielded and the server stops within one
         frame (breaking out of the loop, or closing the generator, does the same).
         """
+        if axes not in (None, "one"):
+            raise InputError("multi-axis fusion (axes='all') runs on a local model only; the server "
+                             "propagates along one axis. Use axes='one', or run the model locally.")
         payload = {"direction": direction,
                    "start": None if start is None else _as_int(start, "start"),
                    "stop": None if stop is None else (
