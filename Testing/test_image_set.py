@@ -101,6 +101,17 @@ def torch_equal(a, b):
     return bool((a == b).all())
 
 
+def test_each_image_has_its_own_window_unless_one_is_given(model, ct_volume):
+    ct = ct_volume[10, :40, :50]
+    photo = np.zeros((30, 20, 3), np.uint8)
+    photo[5:25, 5:15] = (200, 100, 50)
+    s = model.open_images([ct, photo, photo[..., 0]])
+    lo, hi = np.percentile(ct.astype(np.float64), (0.5, 99.5))
+    assert s.frames.windows[0] == pytest.approx((lo, hi))          # HU: the image's own percentiles
+    assert s.frames.windows[1] == s.frames.windows[2] == (0.0, 255.0)  # 8-bit: as stored
+    assert model.open_images([ct, photo], window=(-500, 500)).frames.windows == [(-500.0, 500.0)] * 2
+
+
 @pytest.mark.parametrize("images, message", [
     ([], "the image set is empty"),
     (np.zeros((2, 3, 4, 5)), r"must be \(N, rows, cols\)"),

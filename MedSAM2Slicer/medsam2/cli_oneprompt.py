@@ -36,7 +36,8 @@ def add_arguments(p):
     p.add_argument("--memory", default="self-sorting", choices=("self-sorting", "sam2"),
                    help="memory: the self-sorting bank (default; memories chosen by image similarity) or stock SAM2")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="one intensity window for all images (default: each image's own 0.5-99.5 percentiles)")
+                   help="one intensity window for all images (default, per image: 0..255 for 8-bit images, "
+                        "else the image's own 0.5-99.5 percentiles)")
     p.add_argument("--overwrite", action="store_true", help="replace existing mask PNGs and summary.csv in DIR")
 
 

@@ -8,9 +8,10 @@ like it, not to the ones that happen to precede it.
 
 How images of different sizes go through one session:
 
-* SAM2 only ever sees the model's square input: every image is windowed on its own (the
-  0.5-99.5 percentiles of that image unless a window is given for all), resized to the square
-  and encoded; the feature cache keeps those encodings as for a volume.
+* SAM2 only ever sees the model's square input: every image is windowed on its own unless a
+  window is given for all (8-bit images, grey or colour: 0..255 as stored; others: the 0.5-99.5
+  percentiles of that image), resized to the square and encoded; the feature cache keeps those
+  encodings as for a volume.
 * Prompts are given in each image's own pixel coordinates (x = column, y = row). Before a frame
   is prompted or tracked, the session tells SAM2 that frame's own size (the inference state's
   video height/width), so SAM2 scales the prompt into the square exactly as it would for that
@@ -44,6 +45,11 @@ GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 def as_grey_images(images) -> list[np.ndarray]:
     """A list of 2-D grey images from a list of 2-D / RGB(A) arrays or an (N, rows, cols) array."""
+    return [grey for grey, _ in _grey_images(images)]
+
+
+def _grey_images(images) -> list[tuple[np.ndarray, bool]]:
+    """(grey image, stored as 8 bits) for each image."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     if isinstance(images, np.ndarray):
@@ -62,10 +68,11 @@ def as_grey_images(images) -> list[np.ndarray]:
     return [_grey(n, image) for n, image in enumerate(images)]
 
 
-def _grey(n, image) -> np.ndarray:
+def _grey(n, image) -> tuple[np.ndarray, bool]:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     a = np.asarray(image)
+    eight_bit = a.dtype == np.uint8
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     elif a.ndim == 3 and a.shape[-1] in (3, 4):  # RGB or RGBA; alpha is not image content
@@ -83,18 +90,21 @@ def _grey(n, image) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         row, col = (int(v) for v in np.argwhere(~np.isfinite(a))[0])
         raise InputError(f"image {n}: has NaN/infinite pixels (first at row {row}, col {col}); fill them first")
-    return a
+    return a, eight_bit
 
 
 class ImageSetFrames(FrameSource):
     """Images of any sizes as model-ready square frames, each windowed on its own unless told."""
 
     def __init__(self, images, image_size: int, window=None):
-        self.images = as_grey_images(images)
+        greys = _grey_images(images)
+        self.images = [grey for grey, _ in greys]
         self.image_size = int(image_size)
         self.window = check_window(window) if window is not None else None
-        # unrelated images (a photo, a CT slice in HU) need their own intensity range
-        self.windows = [self.window or default_window(im) for im in self.images]
+        # unrelated images (a photo, a CT slice in HU) need their own intensity range; an 8-bit
+        # picture is shown as stored, so that similar pictures look alike to the memory bank
+        self.windows = [self.window or ((0.0, 255.0) if eight_bit else default_window(grey))
+                        for grey, eight_bit in greys]
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
         self._fingerprint = None
@@ -223,7 +233,8 @@ def open_images(model, images, memory="self-sorting", window=None, memory_bank=N
 
     images: a list of 2-D grey or (rows, cols, 3|4) colour arrays of any sizes (colour becomes grey
     by BT.601 luma), or an (N, rows, cols) array (e.g. a volume whose slices are unrelated images).
-    window: (low, high) for every image; None = each image's own 0.5-99.5 percentiles.
+    window: (low, high) for every image; None = 0..255 for 8-bit images, else each image's own
+    0.5-99.5 percentiles.
     memory / memory_bank: as Model.open ("self-sorting" is the mode this is meant for).
     """
     from .model import MEMORY_MODES
