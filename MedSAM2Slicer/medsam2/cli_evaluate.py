@@ -203,8 +203,6 @@ def _file_prompts(path, volume, objects):
 
 # -- run -------------------------------------------------------------------------------------------
 def run(args):
-    import numpy as np
-
     from . import volume_io
     from .errors import InputError
 
