@@ -4,11 +4,17 @@ Importing this package is cheap and needs neither torch nor sam2: the Slicer mod
 before those are installed (to offer the install dialog). Heavy modules load on first use.
 """
 
+import warnings
 from importlib import import_module
 
 from .errors import CheckpointError, InputError, MedSAM2Error, ServerError, SessionExpired
 
 __version__ = "0.1.0"
+
+# sam2 built without its CUDA extension warns on every frame that it skips filling tiny mask
+# holes; the official predictor skips it identically, so the warning is only noise. Set here, at
+# package import, so that no later warnings.catch_warnings() block can undo it.
+warnings.filterwarnings("ignore", message=r"cannot import name '_C' from 'sam2'", category=UserWarning)
 
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY = {

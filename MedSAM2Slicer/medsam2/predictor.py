@@ -6,8 +6,6 @@ the official `sam2` code, which is why `memory="sam2"` reproduces the official p
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
@@ -28,10 +26,6 @@ def _memory_in_input_dtype(module, args, kwargs):
             kwargs[key] = value.to(dtype)
     return args, kwargs
 
-
-# sam2 built without its CUDA extension warns on every frame that it skips hole filling of tiny
-# mask holes; the official predictor skips it identically, so the warning is noise for users.
-warnings.filterwarnings("ignore", message=r"cannot import name '_C' from 'sam2'", category=UserWarning)
 
 # Image descriptors are pooled to this grid so their size does not grow with the image size.
 DESCRIPTOR_GRID = 16

@@ -60,6 +60,11 @@ class FramePrefetcher:
                         self._cond.wait()
                     if self._stop:
                         return
+                    # the tracker encodes the frame it is on itself if it got there first:
+                    # only frames strictly ahead of it are ours, so none is encoded twice
+                    i = max(i, self._position + 1)
+                    if i >= len(self._order):
+                        return
                     chunk = [f for f in self._order[i:i + self._batch] if f not in self._cache]
                     self._in_progress.update(chunk)
                 i += self._batch
