@@ -9,7 +9,10 @@ not process memory). Position encodings are identical for every frame, so one co
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -17,7 +20,9 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-DEFAULT_RAM_MB = float(os.environ.get("MEDSAM2_FEATURE_RAM_MB", "128"))
+# Reading a spilled frame back from the page cache takes about a millisecond, against a few
+# hundred for encoding it, so RAM holds only the most recent frames.
+DEFAULT_RAM_MB = float(os.environ.get("MEDSAM2_FEATURE_RAM_MB", "32"))
 
 _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
@@ -147,3 +152,24 @@ def _from_bytes(raw: bytes, shape, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.bfloat16:
         return torch.from_numpy(np.frombuffer(raw, np.int16).copy()).view(torch.bfloat16).reshape(shape)
     return torch.from_numpy(np.frombuffer(raw, _TORCH_TO_NUMPY[dtype]).copy()).reshape(shape)
+
+
+def _load_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). The encoder's large activations are freed
+    every frame but stay in the process's heap, fragmented, unless returned: without this the
+    resident size creeps up with the number of slices although nothing is kept."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 import weakref
@@ -77,7 +78,8 @@ class Model:
         cuda = self.device.type == "cuda"
         self.precision = resolve_precision(precision, self.device)
         self.mixed_precision = self.precision == "bfloat16"
-        self.prefetch_lookahead = 16 if cuda else 2  # frames; 0 turns encode-ahead off
+        # frames encoded ahead of the tracker; 0 (or MEDSAM2_PREFETCH=0) turns encode-ahead off
+        self.prefetch_lookahead = int(os.environ.get("MEDSAM2_PREFETCH", 16 if cuda else 2))
         self.encode_batch = 8 if cuda else 1
         # sessions on the same frames (e.g. one per segment) share one feature cache
         self._feature_caches = weakref.WeakValueDictionary()
