@@ -34,6 +34,9 @@ def add_arguments(p):
                         "the mean of probabilities (docs/modes.md)")
     p.add_argument("--image-size", type=int, metavar="N",
                    help="model input size in pixels (default: the model's own; smaller is faster, for tests)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 on CUDA, float32 on CPU (exactly SAM2's results); bfloat16 is faster "
+                        "on CPUs with bf16 units (docs/performance.md)")
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several")
@@ -63,7 +66,7 @@ def run(args):
     with warnings.catch_warnings():  # the random-weights warning is shown below, as a banner
         warnings.simplefilter("ignore")
         model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                   image_size=args.image_size)
+                                   image_size=args.image_size, precision=args.precision)
     if getattr(model, "weights_are_random", False):
         _say("*" * 72 + "\nRANDOM WEIGHTS: results are meaningless (this checkpoint is a test file, not a trained model)\n"
              + "*" * 72)
