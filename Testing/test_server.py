@@ -11,7 +11,6 @@ import select
 import socket
 import threading
 import time
-import warnings
 
 import httpx
 import numpy as np

@@ -141,8 +141,6 @@ class SegmentFrames:
 
         Returns {frame: (old, new)} packed records of the frames actually changed.
         """
-        import vtk
-        from vtk.util import numpy_support
 
         changed = {}
         for first, last in contiguous_runs(masks):

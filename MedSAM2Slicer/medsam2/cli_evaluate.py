@@ -9,7 +9,8 @@ import json
 import os
 import sys
 import time
-import warnings
+
+from .cli_common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 VOLUME_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -243,17 +244,9 @@ def run(args):
         loaded.append((name, image, label, volume, objects, file_prompts))
 
     # 2. model
-    import medsam2
-    from . import predictor  # noqa: F401  (its warning filters must outlive the block below)
     from .evaluate import evaluate_object
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                   image_size=args.image_size)
-    if getattr(model, "weights_are_random", False):
-        _say("*" * 72 + "\nRANDOM WEIGHTS: scores are meaningless (this checkpoint is a test file, not a trained model)\n"
-             + "*" * 72)
+    model = load_model_for_cli(args, "scores")
 
     # 3. evaluate, one session per object (objects are independent, as in the Slicer module)
     report = {"settings": {"model": args.model, "image_size": model.image_size, "memory": args.memory,

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import tempfile
-import warnings
+
+from .cli_common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -197,16 +198,8 @@ def run(args):
          f"{len({p[0] for p in prompts})} image(s)")
 
     # 2. model and session
-    import medsam2
-    from . import predictor  # noqa: F401  (its warning filters must outlive the block below)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                   image_size=args.image_size)
-    if getattr(model, "weights_are_random", False):
-        _say("*" * 72 + "\nRANDOM WEIGHTS: results are meaningless (this checkpoint is a test file, not a trained model)\n"
-             + "*" * 72)
+    model = load_model_for_cli(args, "results")
     session = model.open_images(images, memory=args.memory, window=tuple(args.window) if args.window else None)
     for image, obj_id, points, labels, box in prompts:
         session.add_prompt(image, obj_id=obj_id, points=points, labels=labels, box=box)

@@ -7,7 +7,8 @@ model loads, so a typo costs seconds, not a propagation.
 import os
 import sys
 import time
-import warnings
+
+from .cli_common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 
@@ -61,15 +62,8 @@ def run(args):
          f"{len(objects)} object(s), {len(frame_prompts)} prompted frame(s); {frames.shape[0]} frames along axis {args.axis}")
 
     # 2. model and session
-    import medsam2
 
-    with warnings.catch_warnings():  # the random-weights warning is shown below, as a banner
-        warnings.simplefilter("ignore")
-        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                   image_size=args.image_size, precision=args.precision)
-    if getattr(model, "weights_are_random", False):
-        _say("*" * 72 + "\nRANDOM WEIGHTS: results are meaningless (this checkpoint is a test file, not a trained model)\n"
-             + "*" * 72)
+    model = load_model_for_cli(args, "results")
     session = model.open(frames, memory=args.memory, window=tuple(args.window) if args.window else None)
     for fp in frame_prompts:
         session.add_prompt(fp.frame, obj_id=fp.obj_id, points=fp.points, labels=fp.labels, box=fp.box)

@@ -8,7 +8,8 @@ import ipaddress
 import os
 import stat
 import sys
-import warnings
+
+from .cli_common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 TOKEN_ENV = "MEDSAM2_TOKEN"
@@ -95,15 +96,9 @@ def run(args):
             f"refusing to listen on {args.host} without a token: anyone on the network could use the GPU and "
             f"read uploaded images. Give --token-file FILE (or --token, or ${TOKEN_ENV}); --insecure overrides")
 
-    import medsam2
     from . import server
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
-                                   image_size=args.image_size)
-    if getattr(model, "weights_are_random", False):
-        _say("*" * 72 + "\nRANDOM WEIGHTS: masks are meaningless (this checkpoint is a test file)\n" + "*" * 72)
+    model = load_model_for_cli(args, "masks")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     _say(f"medsam2 serve: {model.name} at {model.image_size} px on {model.device}; "
          f"http://{shown}:{args.port}/v1 (API docs: /docs); "

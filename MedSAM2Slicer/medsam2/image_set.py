@@ -36,7 +36,6 @@ import torch
 
 from .errors import InputError
 from .frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource, check_window, default_window
-from .memory_bank import BankParams
 from .session import Session
 
 # ITU-R BT.601 luma: the usual grey level of an RGB picture (PIL's convert("L") uses it too)
@@ -237,17 +236,8 @@ def open_images(model, images, memory="self-sorting", window=None, memory_bank=N
     0.5-99.5 percentiles.
     memory / memory_bank: as Model.open ("self-sorting" is the mode this is meant for).
     """
-    from .model import MEMORY_MODES
+    from .model import bank_params_for
 
-    if memory not in MEMORY_MODES:
-        raise InputError(f"memory must be one of {MEMORY_MODES}; got {memory!r}")
+    bank_params = bank_params_for(memory, memory_bank)
     frames = ImageSetFrames(images, model.image_size, window)
-    bank_params = None
-    if memory == "self-sorting":
-        try:
-            bank_params = memory_bank if isinstance(memory_bank, BankParams) else BankParams(**(memory_bank or {}))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"memory bank settings: {exc}") from None
-    elif memory_bank:
-        raise InputError("memory_bank settings apply only to memory='self-sorting'")
     return ImageSetSession(model, frames, model._feature_cache_for(frames, feature_cache_mb), bank_params)

@@ -47,6 +47,20 @@ def pick_device(device="auto") -> torch.device:
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+def bank_params_for(memory, memory_bank) -> BankParams | None:
+    """Checked memory-bank settings for a memory mode (None for stock SAM2 memory)."""
+    if memory not in MEMORY_MODES:
+        raise InputError(f"memory must be one of {MEMORY_MODES}; got {memory!r}")
+    if memory == "sam2":
+        if memory_bank:
+            raise InputError("memory_bank settings apply only to memory='self-sorting'")
+        return None
+    try:
+        return memory_bank if isinstance(memory_bank, BankParams) else BankParams(**(memory_bank or {}))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"memory bank settings: {exc}") from None
+
+
 def resolve_precision(precision, device: torch.device) -> str:
     """'auto': bfloat16 autocast on CUDA GPUs that support it, float32 elsewhere (CPU float32 gives
     exactly the official predictor's masks; CPU bfloat16 is faster where the CPU has bf16 units)."""
@@ -96,17 +110,8 @@ class Model:
         memory_bank: BankParams or a dict of its fields (capacity, min_confidence, replace_margin,
         read, temperature, seed) for the self-sorting bank.
         """
-        if memory not in MEMORY_MODES:
-            raise InputError(f"memory must be one of {MEMORY_MODES}; got {memory!r}")
+        bank_params = bank_params_for(memory, memory_bank)
         frames = FrameSource(volume, self.image_size, window)
-        bank_params = None
-        if memory == "self-sorting":
-            try:
-                bank_params = memory_bank if isinstance(memory_bank, BankParams) else BankParams(**(memory_bank or {}))
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"memory bank settings: {exc}") from None
-        elif memory_bank:
-            raise InputError("memory_bank settings apply only to memory='self-sorting'")
         return Session(self, frames, self._feature_cache_for(frames, feature_cache_mb), bank_params)
 
     def open_images(self, images, memory="self-sorting", window=None, memory_bank=None, feature_cache_mb=None):

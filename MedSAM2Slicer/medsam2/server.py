@@ -24,7 +24,6 @@ time and never logged.
 import asyncio
 import collections
 import contextlib
-import hashlib
 import hmac
 import json
 import logging

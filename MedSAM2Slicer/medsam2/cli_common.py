@@ -1,0 +1,20 @@
+"""What several CLI verbs share: loading the model the way a command-line user should see it."""
+
+import sys
+import warnings
+
+
+def load_model_for_cli(args, meaning="results"):
+    """Load --model/--checkpoint/--device/--image-size(/--precision); random weights get a banner
+    on stderr instead of a Python warning, saying that `meaning` (results, scores, masks) are void."""
+    import medsam2
+
+    with warnings.catch_warnings():  # the random-weights warning is replaced by the banner below
+        warnings.simplefilter("ignore")
+        model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
+                                   image_size=args.image_size, precision=getattr(args, "precision", "auto"))
+    if getattr(model, "weights_are_random", False):
+        bar = "*" * 72
+        print(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
+              f"model)\n{bar}", file=sys.stderr, flush=True)
+    return model
