@@ -6,10 +6,27 @@ the official `sam2` code, which is why `memory="sam2"` reproduces the official p
 
 from __future__ import annotations
 
+import warnings
+from importlib import metadata
+
 import torch
 import torch.nn.functional as F
-from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
-from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+SAM2_VERSION = "1.1.0"  # the version our equivalence with the official predictor is tested on
+try:
+    from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+except ImportError as exc:
+    raise ImportError(
+        f"medsam2 needs the sam2 package {SAM2_VERSION} ({exc}). Install it with scripts/install.sh, or: "
+        f"SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps sam2=={SAM2_VERSION} "
+        "hydra-core iopath tqdm pillow") from exc
+try:
+    if metadata.version("sam2") != SAM2_VERSION:
+        warnings.warn(f"sam2 {metadata.version('sam2')} is installed; medsam2 is tested with {SAM2_VERSION}",
+                      stacklevel=2)
+except metadata.PackageNotFoundError:  # a source checkout on sys.path: nothing to compare
+    pass
 
 from .memory_bank import MemoryEntry, SelfSortingMemoryBank, unit
 
