@@ -13,6 +13,7 @@ import socket
 import threading
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -377,20 +378,22 @@ def test_registry_entries_are_complete_and_checksums_are_not_made_up():
             "medsam2_mri_liverlesion", "medsam2_ctlesion", "medsam2_pretrain"} == names
     assert registry.DEFAULT_MODEL in names
     for spec in registry.list_models():
-        assert spec.url.startswith("https://") and spec.url.endswith("/" + spec.filename)
+        assert urlparse(spec.url).scheme == "https" and spec.url.endswith("/" + spec.filename)
         assert isinstance(spec.image_size, int) and spec.image_size % 16 == 0
         assert spec.family in ("sam2.1", "medsam2", "medsam2_pretrain")
         assert spec.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
         # a checksum is only there with the public page that states it
         assert (spec.sha256 is None) == (not spec.sha256_source)
-        assert spec.sha256 is None or spec.sha256_source.startswith("https://")
+        assert spec.sha256 is None or urlparse(spec.sha256_source).scheme == "https"
         assert spec.size is None or spec.size > 1_000_000
         assert spec["name"] == spec.name and spec.as_dict()["url"] == spec.url
     assert len({s.sha256 for s in registry.list_models() if s.sha256}) == 5
     for spec in registry.list_models():
         if spec.family == "medsam2":
             assert spec.image_size == 512 and spec.config.endswith("sam2.1_hiera_t.yaml")
-            assert spec.url.startswith("https://huggingface.co/wanglab/MedSAM2/resolve/main/")
+            url = urlparse(spec.url)  # bowang-lab's files on the wanglab/MedSAM2 model page
+            assert (url.scheme, url.netloc) == ("https", "huggingface.co")
+            assert url.path.startswith("/wanglab/MedSAM2/resolve/main/")
 
 
 def test_registry_configs_exist_in_sam2_and_overrides_compose():

@@ -75,6 +75,20 @@ def _error_body(error, message, exception=None, **extra):
     return body
 
 
+@contextlib.contextmanager
+def _engine_errors():
+    """Engine exceptions as API errors: bad input is a 400 with the engine's message, any other
+    error of ours a 500."""
+    try:
+        yield
+    except InputError as exc:
+        raise _input_error(exc) from None
+    except MedSAM2Error as exc:
+        raise ApiError(500, "server", f"{type(exc).__name__}: {exc}") from None
+    except _INPUT_EXCEPTIONS as exc:
+        raise _input_error(exc) from None
+
+
 def _input_error(exc):
     """Engine input error -> 400 carrying the engine's message and exception type."""
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -600,13 +614,8 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
         """Run an engine call under the session lock and the GPU lock, mapping input errors to 400."""
         with sess.lock, state.gpu.hold():
             try:
-                return fn(*args, **kwargs)
-            except MedSAM2Error as exc:
-                if isinstance(exc, InputError):
-                    raise _input_error(exc) from None
-                raise ApiError(500, "server", f"{type(exc).__name__}: {exc}") from None
-            except _INPUT_EXCEPTIONS as exc:
-                raise _input_error(exc) from None
+                with _engine_errors():
+                    return fn(*args, **kwargs)
             finally:
                 sess.touch()
 
@@ -636,14 +645,8 @@ def create_app(model, token=None, max_sessions=8, session_ttl=1800.0, max_upload
             if vol is None:
                 raise ApiError(404, "volume_unknown", f"volume {req.volume} is not on the server; upload it first")
             window = tuple(req.window) if req.window is not None else None
-            try:  # CPU work only (frames are built lazily): no need to wait for the GPU
+            with _engine_errors():  # CPU work only (frames are built lazily): no need to wait for the GPU
                 engine = model.open(vol.array, memory=req.memory, window=window)
-            except MedSAM2Error as exc:
-                if isinstance(exc, InputError):
-                    raise _input_error(exc) from None
-                raise ApiError(500, "server", f"{type(exc).__name__}: {exc}") from None
-            except _INPUT_EXCEPTIONS as exc:
-                raise _input_error(exc) from None
             sess = _Session(secrets.token_urlsafe(18), vol, engine, req.memory, window)
             with state.lock:
                 state.sessions[sess.id] = sess
