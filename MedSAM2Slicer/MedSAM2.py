@@ -704,7 +704,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._showError(exc)
                 self._updateButtons()
 
-            self._showProgress("Propagating...", 0, max(job.total, 1))
+            self._showProgress("Propagating...", 0, max(job.steps_total, 1))
             task = self._submit(run, lambda _: finish(), item, name="propagate", on_error=finish)
             self._propagation = (job, task)
 
@@ -723,6 +723,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _drain(self):
         self.logic.worker.drain()
         self._flushFrames()
+        self._showPropagationProgress()
         if not self.logic.worker.busy:
             self._timer.stop()
             self._startNext()
@@ -739,9 +740,15 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._propagation[1].cancel.set()
             self._showError(exc)
+
+    def _showPropagationProgress(self):
+        """Progress in engine steps (a fused run moves the bar through its three axes too)."""
+        if self._propagation is None:
             return
-        self._showProgress(f"Propagating... {job.done} of about {job.total} slices", min(job.done, job.total),
-                           max(job.total, 1))
+        job, _ = self._propagation
+        what = "three axes, then fusing" if job.steps_total != job.total else "slices"
+        self._showProgress(f"Propagating... {job.steps} of about {job.steps_total} ({what})",
+                           min(job.steps, job.steps_total), max(job.steps_total, 1))
 
     # --- feedback -------------------------------------------------------------------------
     def _removeMarker(self, marker):

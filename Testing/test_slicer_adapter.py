@@ -548,7 +548,15 @@ def test_fused_axes_write_the_engines_fused_volume(model):
     session.add_point(sf.ijk_to_ras(volume, (7, 6, 3)))
     with pytest.raises(InputError, match="Fusing all three axes"):
         session.propagate("forward")
-    session.propagate("both")
+    job = session.prepare_propagation("both")
+    steps_at_first_slice = None
+    for frame, mask in job.frames():
+        if steps_at_first_slice is None:
+            steps_at_first_slice = job.steps
+        job.apply({frame: mask})
+    job.commit()
+    # the progress bar moved through the three single-axis runs before any fused slice came
+    assert steps_at_first_slice > 3 * SHAPE[0] and job.steps == job.steps_total > job.total == SHAPE[0]
     state = session._axes[session._last_axis]
     fused = state.layout.slab_to_kji(state.engine.mask(1))  # the engine's fused result, KJI order
     written = sf.segment_array(scene, segmentation, seg_a, volume)

@@ -171,6 +171,14 @@ class PropagationJob(_Job):
         self.direction, self.start, self.stop, self.total = direction, start, stop, total
         self.action = Action("propagation", owner._axis_of(state))
         self.done = 0
+        # progress in engine items, for the progress bar: a fused run does three single-axis runs
+        # (items without masks) before it yields the fused slices. Plain ints, set by the worker.
+        self.steps = 0
+        self.steps_total = total
+        if owner.axes == "all":
+            from medsam2.fusion import total_steps
+
+            self.steps_total = total_steps((state.layout.num_frames, *state.layout.frame_shape))
 
     def frames(self, cancel=None):
         """Engine side: yields (frame, bool mask) as the engine finishes them. No scene access."""
@@ -180,6 +188,7 @@ class PropagationJob(_Job):
             extra = {"axes": "all"} if self.owner.axes == "all" else {}
             for frame, masks in engine.propagate(direction=self.direction, start=self.start,
                                                  stop=self.stop, cancel=cancel, **extra):
+                self.steps += 1
                 mask = masks.get(OBJ_ID)
                 if mask is not None:
                     yield int(frame), np.asarray(mask, dtype=bool)
@@ -369,6 +378,8 @@ class SegmentationSession:
             stop = {"forward": high, "backward": low, "both": (low, high)}[direction]
         total = {"forward": high - origin + 1, "backward": origin - low + 1,
                  "both": (high - origin + 1) + (origin - low + 1)}[direction]
+        if self.axes == "all":
+            total = n  # a fused run yields each fused slice once
         self._last_axis = axis
         return PropagationJob(self, state, state.engine_ops(), direction, start, stop, total)
 
