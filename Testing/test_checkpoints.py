@@ -141,6 +141,30 @@ def test_download_verifies_and_publishes_only_the_finished_file(server, cache, t
     assert len(server.requests) == n
 
 
+def test_concurrent_downloads_of_one_file_fetch_it_once(server, cache, tmp_path):
+    """Two downloads of the same file at once (two Slicer windows, a server and the CLI): one
+    transfers, the other waits for its lock and gets the verified file."""
+    data = _torch_bytes(tmp_path)
+    server.files["/m.pt"] = data
+    spec = _spec(server.url("/m.pt"), data)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(checkpoints.download(spec, progress=False, chunk_size=4096))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert results[0].read_bytes() == data
+    assert [r for r in server.requests if r[0] == "/m.pt"] == [("/m.pt", None)]  # transferred once
+
+
 def test_interrupted_download_keeps_part_and_resumes_with_range(server, cache, tmp_path):
     data = _torch_bytes(tmp_path)
     server.files["/m.pt"] = data

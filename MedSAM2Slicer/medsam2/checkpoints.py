@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import json
 import logging
+import contextlib
 import os
 import re
 import sys
@@ -310,9 +311,71 @@ def download(name_or_spec, url=None, dest_dir=None, progress=True, cancel=None, 
     wrong file never appears there. A wrong hash deletes the download and raises CheckpointError.
     """
     spec = get_spec(name_or_spec)
-    src = url or spec.url
     folder = Path(dest_dir) if dest_dir is not None else checkpoints_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    # one download of a file at a time, across processes (two Slicer windows, a server and the
+    # CLI): the second waits, then finds the verified file the first one published
+    with _exclusive(_lock_path(folder / spec.filename), cancel, spec.filename):
+        return _download_locked(spec, url or spec.url, folder, progress, cancel, on_progress, force,
+                                retries, chunk_size, timeout)
+
+
+def _lock_path(dest: Path) -> Path:
+    """Lock files live in the cache's own folder (never beside the user's checkpoints), one per
+    destination path."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(dest.resolve()).encode()).hexdigest()[:16]
+    return locks / f"{dest.name}.{key}.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, cancel, what):
+    """Hold an OS lock on `lock_path` (flock on POSIX, msvcrt on Windows); waiting honours cancel."""
+    with open(lock_path, "a+b") as handle:
+        told = False
+        while not _try_lock(handle):
+            if cancel is not None and cancel.is_set():
+                raise CheckpointError("download cancelled")
+            if not told:
+                log.warning("another process is downloading %s; waiting for it", what)
+                told = True
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            _unlock(handle)
+
+
+def _try_lock(handle) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _unlock(handle) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _download_locked(spec, src, folder, progress, cancel, on_progress, force, retries, chunk_size, timeout):
     dest = folder / spec.filename
     part = folder / (spec.filename + ".part")
 
