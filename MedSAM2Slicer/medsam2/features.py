@@ -89,10 +89,6 @@ class FeatureCache:
                 self._ram_used -= self._record_bytes
                 self._write_slot(old, tensors)
 
-    def discard(self, frame: int) -> None:
-        with self._lock:
-            self._drop(frame)
-
     def stats(self) -> dict:
         return {"frames": len(self), "in_ram": len(self._ram), "on_disk": len(self._on_disk),
                 "ram_bytes": self._ram_used, "hits": self.hits, "misses": self.misses}

@@ -91,7 +91,6 @@ class Model:
         # results) unless bfloat16 is asked for, and frames encoded ahead on a background thread.
         cuda = self.device.type == "cuda"
         self.precision = resolve_precision(precision, self.device)
-        self.mixed_precision = self.precision == "bfloat16"
         # frames encoded ahead of the tracker; 0 (or MEDSAM2_PREFETCH=0) turns encode-ahead off
         self.prefetch_lookahead = int(os.environ.get("MEDSAM2_PREFETCH", 16 if cuda else 2))
         self.encode_batch = 8 if cuda else 1
@@ -120,6 +119,10 @@ class Model:
 
         return open_images(self, images, memory=memory, window=window, memory_bank=memory_bank,
                            feature_cache_mb=feature_cache_mb)
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.precision == "bfloat16"
 
     def autocast(self):
         """The precision context every model call runs in."""

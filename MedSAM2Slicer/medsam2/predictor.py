@@ -76,19 +76,6 @@ class MedSAM2Predictor(SAM2VideoPredictor):
         # the first element (the input image) is unused by tracking; not kept in the cache
         return (None,) + self._prepare_backbone_features(expanded)
 
-    def encode_frames(self, inference_state, frame_indices, batch_size=4):
-        """Encode frames ahead of tracking, in batches (the encoder does not depend on memory)."""
-        cache = inference_state["feature_cache"]
-        todo = [f for f in frame_indices if f not in cache]
-        device = inference_state["device"]
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            images = torch.stack([inference_state["images"][f] for f in chunk]).to(device).float()
-            out = self.forward_image(images)
-            for i, f in enumerate(chunk):
-                cache.put(f, {"backbone_fpn": [t[i:i + 1] for t in out["backbone_fpn"]],
-                              "vision_pos_enc": [p[i:i + 1] for p in out["vision_pos_enc"]]})
-
     # -- objects ----------------------------------------------------------------------------
     def _obj_id_to_idx(self, inference_state, obj_id):
         obj_idx = super()._obj_id_to_idx(inference_state, obj_id)
