@@ -11,7 +11,7 @@ def test_bench_prints_the_table_and_sam2_mode_is_identical(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in text  # no checkpoint given: it says so
     header = next(line for line in text.splitlines() if line.startswith("| variant"))
-    for column in ("first prompt s", "propagate both s", "correction s", "slices/s", "peak RSS MB", "identical"):
+    for column in ("compiled", "first prompt s", "propagate both s", "correction s", "slices/s", "peak RSS MB", "identical"):
         assert column in header
     import json
 

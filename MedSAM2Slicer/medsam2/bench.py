@@ -31,10 +31,10 @@ CORRECTION = (88.0, 64.0)
 
 def chest_volume(slices: int) -> np.ndarray:
     """slicerio's CTChest4 resampled (nearest slice) to `slices` slices, 128 x 128 in-plane."""
-    import SimpleITK as sitk
+    import nrrd  # pynrrd, slicerio's own reader: the bench needs no SimpleITK (a large wheel on GPU hosts)
     import slicerio
 
-    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd")))
+    ct, _ = nrrd.read(str(Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd"), index_order="C")
     index = np.round(np.linspace(0, ct.shape[0] - 1, slices)).astype(int)
     return np.ascontiguousarray(ct[index])
 
@@ -50,7 +50,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_variant(variant, model_name, checkpoint, image_size, slices, device, masks_out, precision="auto") -> dict:
+def run_variant(variant, model_name, checkpoint, image_size, slices, device, masks_out, precision="auto",
+                compile=False) -> dict:
     """One variant in this process; returns its timings and writes its final masks to `masks_out`."""
     import warnings
 
@@ -59,19 +60,28 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
     warnings.simplefilter("ignore")
     import medsam2
     from medsam2.build import official_overrides
+    from medsam2.compilation import warm_up
     from medsam2.frames import FrameSource
 
     volume = chest_volume(slices)
     mid, fix = slices // 2, (3 * slices) // 4
+    ours = variant != "official"
+    # the official predictor runs as its demos run it (bf16 autocast on CUDA, float32 on CPU), or in
+    # float32 when float32 is asked for: the way to check equality on a GPU
+    official_precision = "float32" if precision == "float32" else "auto"
     model = medsam2.load_model(model_name, checkpoint=checkpoint, device=device, image_size=image_size,
-                               precision="auto" if variant == "official" else precision)
+                               precision=precision if ours else official_precision, compile=compile if ours else False)
     dev = model.device
+    # compiled: compile first, on the same slices in reverse order (their own feature cache), so
+    # the table shows the compiled speed and the compile time apart
+    compile_s = warm_up(model, volume[::-1].copy(), memory=variant) if model.compiled else None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_loaded = _peak_rss_mb()
     result = {"variant": variant, "slices": slices, "image_size": model.image_size, "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "random_weights": model.weights_are_random, "precision": model.precision}
+              "random_weights": model.weights_are_random, "precision": model.precision,
+              "compiled": model.compiled or "-", "compile_s": compile_s}
 
     if variant == "official":
         from sam2.build_sam import build_sam2_video_predictor
@@ -80,9 +90,8 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
         official = build_sam2_video_predictor(
             spec.config, str(model.checkpoint_path), device=str(dev),
             hydra_overrides_extra=official_overrides(model.image_size, spec.hydra_overrides))
+        amp = model.autocast()  # the official predictor in the same precision setting (see above)
         del model
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and torch.cuda.is_bf16_supported()
-               else torch.autocast("cpu", enabled=False))
         with amp, tempfile.TemporaryDirectory() as tmp:
             from PIL import Image
 
@@ -142,7 +151,7 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
 
 
 def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", variants=VARIANTS, log=print,
-              precision="auto"):
+              precision="auto", compile=False):
     """Run every variant for every slice count in fresh processes; returns the list of results."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +165,7 @@ def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", v
             for variant in variants:
                 out = Path(tmp) / f"{variant}-{slices}.npy"
                 args = json.dumps([variant, model_name, str(checkpoint), image_size, slices, device, str(out),
-                                   precision])
+                                   precision, compile])
                 log(f"  running {variant} on {slices} slices ...")
                 proc = subprocess.run([sys.executable, "-m", "medsam2.bench", "--worker", args],
                                       capture_output=True, text=True, env=_worker_env())
@@ -180,9 +189,11 @@ def _worker_env():
 
 
 def format_table(results) -> str:
-    cols = ["variant", "slices", "image_size", "device_name", "precision", "first_prompt_s", "propagate_s", "correction_s",
+    cols = ["variant", "slices", "image_size", "device_name", "precision", "compiled", "compile_s", "first_prompt_s",
+            "propagate_s", "correction_s",
             "cached_click_s", "slices_per_s", "peak_rss_mb", "peak_gpu_mb", "identical_to_official"]
-    head = ["variant", "slices", "size", "device", "precision", "first prompt s", "propagate both s", "correction s",
+    head = ["variant", "slices", "size", "device", "precision", "compiled", "compile s", "first prompt s",
+            "propagate both s", "correction s",
             "cached click s", "slices/s", "peak RSS MB", "peak GPU MB", "identical"]
 
     def cell(value):

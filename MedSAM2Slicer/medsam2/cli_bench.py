@@ -2,6 +2,8 @@
 
 import json
 
+from .cli_common import add_compile_argument
+
 
 def add_arguments(p):
     p.add_argument("--model", default="medsam2_latest", help="registry model (default: medsam2_latest)")
@@ -11,7 +13,9 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--variants", default="official,sam2,self-sorting", help="which of official,sam2,self-sorting")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="our engine's precision (auto: bfloat16 on CUDA, float32 on CPU = identical to official)")
+                   help="our engine's precision (auto: bfloat16 on CUDA, float32 on CPU). The official predictor "
+                        "runs as its demos do (bf16 autocast on CUDA) unless float32 is asked: then both are float32")
+    add_compile_argument(p)
     p.add_argument("--json", help="also write the results as JSON to this file")
 
 
@@ -33,7 +37,8 @@ def run(args):
         raise InputError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     size = args.image_size or spec.image_size
     results = run_bench(spec.name, args.checkpoint, size, counts, args.device, variants,
-                        log=lambda m: print(m, flush=True), precision=args.precision)
+                        log=lambda m: print(m, flush=True), precision=args.precision,
+                        compile=args.compile or False)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .cli_common import load_model_for_cli
+from .cli_common import add_compile_argument, load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 
@@ -38,6 +38,7 @@ def add_arguments(p):
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU (exactly SAM2's results); bfloat16 is faster "
                         "on CPUs with bf16 units (docs/performance.md)")
+    add_compile_argument(p)
     p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several")

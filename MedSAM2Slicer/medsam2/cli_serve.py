@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 
-from .cli_common import load_model_for_cli
+from .cli_common import add_compile_argument, load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 TOKEN_ENV = "MEDSAM2_TOKEN"
@@ -26,6 +26,7 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--image-size", type=int, metavar="N",
                    help="model input size in pixels (default: the model's own)")
+    add_compile_argument(p)
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", metavar="TOKEN",
                        help=f"clients must send this token (visible in the process list: prefer --token-file "
@@ -99,6 +100,11 @@ def run(args):
     from . import server
 
     model = load_model_for_cli(args, "masks")
+    if model.compiled:  # compile now, not in the first client's propagation (which could time out)
+        from .compilation import warm_up
+
+        _say(f"medsam2 serve: compiling the network ({model.compiled} mode); this takes minutes, once ...")
+        _say(f"medsam2 serve: compiled in {warm_up(model):.0f} s")
     shown = f"[{args.host}]" if ":" in args.host else args.host
     _say(f"medsam2 serve: {model.name} at {model.image_size} px on {model.device}; "
          f"http://{shown}:{args.port}/v1 (API docs: /docs); "

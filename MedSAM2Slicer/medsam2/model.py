@@ -85,6 +85,7 @@ class Model:
         self.checkpoint_path = checkpoint_path
         self.weights_are_random = bool(weights_are_random)
         self.spec = spec
+        self.compiled = None  # the torch.compile mode of the network's parts, if compiled
         self.lock = threading.RLock()
         # Speed settings (docs/performance.md). On CUDA: bfloat16 autocast, as the official demos
         # run SAM2, and the encoder runs ahead in batches. On CPU: float32 (exactly the official
@@ -152,27 +153,35 @@ class Model:
             return cache
 
 
-def load_model(name, checkpoint=None, device="auto", image_size=None, precision="auto") -> Model:
+def load_model(name, checkpoint=None, device="auto", image_size=None, precision="auto", compile=False) -> Model:
     """Load a registry model: `checkpoint` is a local file, or None for the verified cached download.
 
     image_size overrides the registry's input size (smaller is faster, at some cost in detail).
     precision: "auto" (bfloat16 on CUDA, float32 elsewhere), "float32" or "bfloat16".
+    compile: False, True or an inductor mode (compilation.py): torch.compile the network's parts.
+    Faster tracking once compiled, slower first propagation, not bit-identical to the official code.
     """
     from . import checkpoints, registry
     from .build import build_predictor
+    from .compilation import compile_mode, compile_parts
 
     spec = registry.get_spec(name)
     size = int(image_size or spec.image_size)
     if size % 32 or size < 128:
         raise InputError(f"image_size must be a multiple of 32 and at least 128; got {size}")
     dev = pick_device(device)
-    resolve_precision(precision, dev)  # refuse a bad value before any download or build
+    resolve_precision(precision, dev)  # refuse bad values before any download or build
+    mode = compile_mode(compile)
     path = checkpoints.resolve(name, checkpoint)
     ckpt = checkpoints.read_checkpoint(path)
     predictor = build_predictor(spec.config, size, "cpu", spec.hydra_overrides)
     checkpoints.load_state_dict_strict(predictor, ckpt.state_dict, source=str(path))
     predictor = predictor.to(dev).eval()
+    if mode:
+        compile_parts(predictor, mode)
     if ckpt.random_weights:
         warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=2)
-    return Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec,
-                 precision=precision)
+    model = Model(predictor, name, size, dev, checkpoint_path=path, weights_are_random=ckpt.random_weights, spec=spec,
+                  precision=precision)
+    model.compiled = mode
+    return model
