@@ -7,6 +7,7 @@ prompt, which pins down frame, orientation and pixel order.
 """
 
 import json
+import locale
 import os
 
 import numpy as np
@@ -111,6 +112,7 @@ def test_bad_output_paths_are_refused(tmp_path, ct_path, name, message):
 def _write_dicom_series(image, folder, series_uid, prefix="slice"):
     """One DICOM file per slice with the tags a scanner writes for geometry (SimpleITK's recipe)."""
     folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     direction = image.GetDirection()
@@ -130,6 +132,9 @@ def _write_dicom_series(image, folder, series_uid, prefix="slice"):
             s.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
         writer.Execute(s)
+    # GDCM's writer leaves the process in the C locale (ASCII text encoding), which would leak
+    # into later tests; our reader does not do this (tested below)
+    locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +150,15 @@ def test_dicom_series_folder_reads_with_its_geometry(tmp_path, chest_slab):
     np.testing.assert_allclose(volume.origin, chest_slab.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(volume.spacing, chest_slab.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(volume.direction, chest_slab.GetDirection(), atol=1e-6)
+
+
+def test_reading_dicom_keeps_the_process_locale(tmp_path, chest_slab):
+    # a reader that left the C locale behind would turn Python's text encoding ASCII for the rest of
+    # the process (torch.compile, for one, then fails to read its UTF-8 kernel templates)
+    _write_dicom_series(chest_slab, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.5")
+    before = locale.setlocale(locale.LC_ALL)
+    read_volume(tmp_path / "dicom")
+    assert locale.setlocale(locale.LC_ALL) == before
 
 
 def test_folder_with_two_series_asks_which(tmp_path, chest_slab):

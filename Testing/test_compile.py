@@ -52,3 +52,23 @@ def test_warmed_up_compiled_engine_tracks_like_the_eager_one_without_compiling_a
     assert eager.any() and fast.any()
     # compiled kernels round differently, so not bit for bit; the masks still agree
     assert (eager == fast).mean() > 0.99
+
+
+def test_a_non_utf8_process_is_told_how_to_run_compile(random_checkpoint, tmp_path):
+    # PyTorch reads its kernel templates in the locale's encoding; under an ASCII locale the
+    # compile would die deep inside PyTorch. It is refused up front with the fix instead.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import medsam2, sys\n"
+            "from medsam2.errors import InputError\n"
+            "try:\n"
+            f"    medsam2.load_model('sam2.1_hiera_tiny', checkpoint={str(random_checkpoint)!r}, device='cpu',"
+            " image_size=256, compile=True)\n"
+            "except InputError as e:\n"
+            "    print('REFUSED', e)\n")
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in out.stdout and "PYTHONUTF8=1" in out.stdout, out.stdout + out.stderr

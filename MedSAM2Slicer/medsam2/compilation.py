@@ -14,6 +14,8 @@ buffers that our feature cache keeps, and they give little for the large image-e
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .errors import InputError
@@ -61,6 +63,14 @@ def compile_parts(predictor, mode: str) -> list[str]:
     """Replace each part's forward with its compiled version; returns the parts compiled."""
     if not hasattr(torch, "compile"):
         raise InputError("this PyTorch has no torch.compile (needs PyTorch 2); load the model without compile")
+    try:  # PyTorch reads its kernel templates in the locale's encoding: refuse early, and say why
+        importlib.import_module("torch._inductor.compile_fx")
+    except UnicodeDecodeError:
+        import locale
+
+        raise InputError(f"torch.compile cannot start: the process's text encoding is "
+                         f"{locale.getpreferredencoding(False)}, and PyTorch reads its kernel templates as UTF-8. "
+                         "Run with PYTHONUTF8=1 (or a UTF-8 locale such as LANG=C.UTF-8)") from None
     done = []
     if not getattr(predictor.memory_attention, "_medsam2_compiled", False):
         predictor.memory_attention.register_forward_pre_hook(_one_layout, with_kwargs=True)
