@@ -28,6 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # medsam2 and MedSAM2Lib ship next to this file
     sys.path.insert(0, _HERE)
 
+from MedSAM2Lib.markers import Marker, PromptMarkers  # noqa: E402
 from MedSAM2Lib.models import DEVICES, ModelHolder, ModelSettings  # noqa: E402
 from MedSAM2Lib.worker import Worker  # noqa: E402
 
@@ -122,7 +123,6 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pending = []           # actions waiting for the worker to be free
         self._propagation = None     # (job, task) while propagating
         self._frameBuffer = {}
-        self._markers = {}           # id(action) -> its on-screen marker (removed on undo)
         self._lastSliceNode = None
         self._timer = None
         self._observedSegmentation = None
@@ -487,7 +487,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             include = self._tool == "include"
             caller.SetNthControlPointSelected(n - 1, include)  # selected colour = include (green)
             caller.SetNthControlPointLocked(n - 1, True)
-            self.placePoint(ras, sliceNode, include, marker=(caller, n - 1))
+            self.placePoint(ras, sliceNode, include, marker=Marker.for_point(caller, n - 1))
         elif self._boxCorner is None:
             self._boxCorner = (ras, sliceNode)
         else:
@@ -514,7 +514,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         normal = _slice_normal(sliceNode)
         self._lastSliceNode = sliceNode
         roi = self.logic.showBox(ras_a, ras_b, normal)
-        self._enqueue(lambda: self._runPrompt(lambda s: s.prepare_box(ras_a, ras_b, normal), (roi, None)))
+        self._enqueue(lambda: self._runPrompt(lambda s: s.prepare_box(ras_a, ras_b, normal), Marker(roi)))
 
     def onUseEditedSlice(self):
         sliceNode = self._currentSliceNode()
@@ -576,14 +576,16 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         action = session.undo()
         if action is not None:
-            self._removeMarker(self._markers.pop(id(action), None))
+            self.logic.markers.undone(session, action)  # hidden: redo shows it again
         self._updateButtons()
 
     def onRedo(self):
         session = self._session(create=False)
         if session is None or self.logic.worker.busy:
             return
-        session.redo()
+        action = session.redo()
+        if action is not None:
+            self.logic.markers.redone(session, action)
         self._updateButtons()
 
     def onCancel(self):
@@ -659,8 +661,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             def done(_):
                 action = job.commit()
-                if action is not None and marker is not None:
-                    self._markers[id(action)] = marker
+                if action is not None:
+                    self.logic.markers.attach(session, action, marker)
+                self.logic.markers.prune(session)  # a new action ends the redo history
                 self._updateButtons()
 
             def failed(exc):
@@ -698,6 +701,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             def finish(exc=None):
                 self._flushFrames()
                 job.commit()
+                self.logic.markers.prune(session)
                 self._propagation = None
                 self._hideProgress()
                 if exc is not None:
@@ -752,15 +756,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- feedback -------------------------------------------------------------------------
     def _removeMarker(self, marker):
-        if marker is None:
-            return
-        node, index = marker
-        if node is None or node.GetScene() is None:
-            return
-        if index is None:
-            slicer.mrmlScene.RemoveNode(node)
-        elif index < node.GetNumberOfControlPoints():
-            node.RemoveNthControlPoint(index)
+        if marker is not None:
+            marker.remove()
 
     def _showProgress(self, text, value, maximum):
         self.ui.progressBar.show()
@@ -846,6 +843,7 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
         self._sessions = {}
         self._tasks = []
         self._promptNodes = {}
+        self.markers = PromptMarkers()  # prompt markers in the views, in step with undo/redo
         # keep checkpoints in Slicer's cache folder unless the user chose another place
         if getattr(slicer, "app", None) is not None and "MEDSAM2_CACHE_DIR" not in os.environ:
             os.environ["MEDSAM2_CACHE_DIR"] = os.path.join(slicer.app.cachePath, "MedSAM2")
@@ -876,6 +874,7 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
         if not create:
             return None
         if entry is not None:
+            self.markers.forget_session(entry[1])
             entry[1].close()
         session = SegmentationSession(volumeNode, segmentationNode, segmentId, self.modelHolder(settings),
                                       memory=memory, window=window, axes=axes, image_set=image_set)
@@ -884,6 +883,7 @@ class MedSAM2Logic(ScriptedLoadableModuleLogic):
 
     def closeSessions(self):
         for _, session in self._sessions.values():
+            self.markers.forget_session(session)  # its prompts leave the engine: their markers go too
             session.close()
         self._sessions.clear()
         self._promptNodes.clear()

@@ -267,6 +267,10 @@ class SegmentationSession:
     def can_redo(self):
         return bool(self._redo)
 
+    def redoable(self, action):
+        """Whether `action` (an undone one) can still be redone."""
+        return any(a is action for a in self._redo)
+
     def layout(self, slice_normal):
         return self.geometry.layout(self.geometry.axis_for_normal(slice_normal))
 
