@@ -292,6 +292,36 @@ def test_encode_ahead_changes_nothing_but_time(model, ct_slab):
     np.testing.assert_array_equal(plain, ahead)
 
 
+def test_batched_encode_ahead_the_cuda_path_gives_the_same_masks(model, ct_slab):
+    # on CUDA the encoder runs ahead in batches; the same code runs here on the CPU
+    predictor, batches = model.predictor, []
+    encode = predictor.forward_image
+
+    def recording(images):
+        batches.append(images.shape[0])
+        return encode(images)
+
+    def run(lookahead, batch):
+        model.prefetch_lookahead, model.encode_batch = lookahead, batch
+        model._feature_caches.clear()
+        s = model.open(ct_slab, memory="sam2")
+        s.add_prompt(3, points=[[64, 64]], labels=[1])
+        list(s.propagate("both"))
+        return s.mask(1)
+
+    saved = model.prefetch_lookahead, model.encode_batch
+    predictor.forward_image = recording
+    try:
+        plain = run(0, 1)
+        batches.clear()
+        batched = run(8, 4)
+    finally:
+        model.prefetch_lookahead, model.encode_batch = saved
+        del predictor.forward_image
+    assert max(batches) == 4  # frames really went through the encoder four at a time
+    np.testing.assert_array_equal(plain, batched)
+
+
 def test_bfloat16_precision_is_opt_in_and_close_to_float32(random_checkpoint, ct_slab, model):
     assert model.precision == "float32" and not model.mixed_precision  # CPU default: exact
     fast = medsam2.load_model("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu",
