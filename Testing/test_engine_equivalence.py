@@ -132,6 +132,35 @@ def test_correction_then_refine_matches_official(model, official, ct_slab, tmp_p
         np.testing.assert_array_equal(final[f], m)
 
 
+def test_bfloat16_autocast_matches_official_under_the_same_autocast(random_checkpoint, official, ct_slab, tmp_path):
+    # How SAM2 runs on CUDA GPUs (bf16 autocast on both sides), reproduced on the CPU: cached
+    # features must come back exactly as the encoder made them, in its dtypes, or corrections
+    # (which reuse cached frames) would differ from the official predictor's.
+    import medsam2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bf16 = medsam2.load_model("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu",
+                                  image_size=TEST_IMAGE_SIZE, precision="bfloat16")
+    s = bf16.open(ct_slab, memory="sam2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        st = official_state(official, s, tmp_path)
+        s.add_prompt(2, obj_id=1, points=[[64, 64]], labels=[1])
+        official.add_new_points_or_box(st, 2, 1, points=[[64, 64]], labels=[1])
+        ours = collect(s.propagate(direction="both"))
+        theirs = run_official(official, st)
+        theirs.update(run_official(official, st, reverse=True))
+        assert_nontrivial(theirs)
+        assert_same(ours, theirs)
+        fixed = s.add_prompt(7, obj_id=1, points=[[90, 50]], labels=[0])
+        _, _, logits = official.add_new_points_or_box(st, 7, 1, points=[[90, 50]], labels=[0])
+        np.testing.assert_array_equal(fixed, (logits[0, 0] > 0).numpy())
+        ours = collect(s.propagate(direction="both", start=7))
+        theirs = run_official(official, st, start=7, count=2)
+        theirs.update(run_official(official, st, reverse=True, start=7, count=4))
+    assert_same(ours, theirs)
+
+
 def test_object_prompted_ahead_of_start_propagates(model, ct_slab):
     """An object whose only prompt lies after the start frame: its memory holds only stored
     (bfloat16) features. The official predictor raises a dtype error here on CPU; we must not."""

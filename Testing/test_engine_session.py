@@ -213,12 +213,14 @@ def test_frames_are_built_lazily_and_default_window_is_robust():
 
 
 # -- feature cache ------------------------------------------------------------------------
-def test_feature_cache_spills_losslessly_past_its_ram_budget():
+# float32 (CPU), and the mix bf16 autocast leaves: two levels in bfloat16, the last in float32
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16, torch.bfloat16, torch.float32)])
+def test_feature_cache_spills_losslessly_past_its_ram_budget(dtypes):
     rng = torch.Generator().manual_seed(0)
     shapes = [(1, 32, 16, 16), (1, 64, 8, 8), (1, 256, 4, 4)]
-    frames = {f: [torch.randn(s, generator=rng) for s in shapes] for f in range(6)}
-    pos = [torch.randn(s, generator=rng) for s in shapes]
-    record_mb = sum(np.prod(s) for s in shapes) * 4 / 2**20
+    frames = {f: [torch.randn(s, generator=rng).to(d) for s, d in zip(shapes, dtypes)] for f in range(6)}
+    pos = [torch.randn(s, generator=rng).to(d) for s, d in zip(shapes, dtypes)]
+    record_mb = sum(np.prod(s) * torch.empty((), dtype=d).element_size() for s, d in zip(shapes, dtypes)) / 2**20
     cache = FeatureCache(ram_mb=2.5 * record_mb)
     for f, fpn in frames.items():
         cache.put(f, {"backbone_fpn": fpn, "vision_pos_enc": pos})
@@ -226,6 +228,7 @@ def test_feature_cache_spills_losslessly_past_its_ram_budget():
     assert stats["in_ram"] == 2 and stats["on_disk"] == 4
     for f, fpn in frames.items():
         got = cache.get(f, "cpu")
+        assert [t.dtype for t in got["backbone_fpn"]] == list(dtypes)  # handed back as stored
         assert all(torch.equal(a, b) for a, b in zip(got["backbone_fpn"], fpn))
         assert all(torch.equal(a, b) for a, b in zip(got["vision_pos_enc"], pos))
     assert cache.get(99, "cpu") is None
@@ -335,7 +338,8 @@ def test_bfloat16_precision_is_opt_in_and_close_to_float32(random_checkpoint, ct
         results.append(s.mask(1)[4:7])
     agreement = (results[0] == results[1]).mean()
     assert agreement > 0.9  # same segmentation up to bf16 rounding at the mask borders
-    assert fast._feature_caches  # its feature cache stores bfloat16
-    assert next(iter(fast._feature_caches.values())).dtype == torch.bfloat16
+    # its cache keeps the features as autocast made them (partly bfloat16), not widened to float32
+    cached = next(iter(fast._feature_caches.values())).get(5, "cpu")
+    assert torch.bfloat16 in {t.dtype for t in cached["backbone_fpn"]}
     with pytest.raises(medsam2.InputError, match="precision"):
         medsam2.load_model("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu", precision="half")

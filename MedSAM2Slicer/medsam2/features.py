@@ -5,6 +5,8 @@ a seen slice, corrections and re-propagation reuse cached features. To keep memo
 number of slices, only a bounded number of bytes stay in RAM (most recently used first); the rest
 spill losslessly to a session-scoped file on disk and are read back with plain file I/O (page cache,
 not process memory). Position encodings are identical for every frame, so one copy is kept.
+Every tensor is stored in the dtype the encoder produced (float32, or bfloat16 for the levels
+that autocast leaves in bfloat16) and handed back in it: a cached frame is exactly a fresh one.
 """
 
 from __future__ import annotations
@@ -28,21 +30,16 @@ _TORCH_TO_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 class FeatureCache:
-    """Per-frame backbone outputs of one frame source.
+    """Per-frame backbone outputs of one frame source, lossless."""
 
-    `dtype` is the storage type: float32 keeps results bit-identical to recomputing; bfloat16 or
-    float16 halve the footprint (what the official predictor already does for memory features).
-    """
-
-    def __init__(self, ram_mb: float | None = None, dtype: torch.dtype = torch.float32, spill_dir=None):
+    def __init__(self, ram_mb: float | None = None, spill_dir=None):
         self.ram_bytes = int((DEFAULT_RAM_MB if ram_mb is None else ram_mb) * 2**20)
-        self.dtype = dtype
         self._spill_dir = spill_dir
         self._ram: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._ram_used = 0
         self._on_disk: dict[int, int] = {}  # frame -> slot in the spill file
         self._file = None
-        self._shapes = None  # shapes of the per-frame tensors (same for every frame)
+        self._layout = None  # (shape, dtype) of each per-frame tensor (the same for every frame)
         self._record_bytes = 0
         self._pos_enc = None  # shared vision position encodings
         self._lock = threading.Lock()
@@ -56,7 +53,7 @@ class FeatureCache:
         return len(self._ram) + len(self._on_disk)
 
     def get(self, frame: int, device) -> dict | None:
-        """The backbone output of `frame` on `device` in float32, or None if not cached."""
+        """The backbone output of `frame` on `device`, or None if not cached."""
         with self._lock:
             if frame in self._ram:
                 self._ram.move_to_end(frame)
@@ -68,7 +65,7 @@ class FeatureCache:
                 return None
             self.hits += 1
             pos = self._pos_enc
-        fpn = [t.to(device=device, dtype=torch.float32) for t in tensors]
+        fpn = [t.to(device) for t in tensors]
         return {"backbone_fpn": fpn, "vision_pos_enc": [p.to(device) for p in pos]}
 
     def put(self, frame: int, backbone_out: dict) -> None:
@@ -78,9 +75,11 @@ class FeatureCache:
         with self._lock:
             if self._pos_enc is None:
                 self._pos_enc = [p.detach()[:1].clone() for p in backbone_out["vision_pos_enc"]]
-                self._shapes = [tuple(t.shape) for t in fpn]
-                self._record_bytes = sum(int(np.prod(s)) for s in self._shapes) * self._itemsize()
-            stored = [t.to("cpu", self.dtype, copy=True) for t in fpn]
+                self._layout = [(tuple(t.shape), t.dtype) for t in fpn]
+                self._record_bytes = sum(int(np.prod(shape)) * _itemsize(dtype) for shape, dtype in self._layout)
+            elif [(tuple(t.shape), t.dtype) for t in fpn] != self._layout:
+                raise ValueError("every frame of a cache must have the same feature shapes and dtypes")
+            stored = [t.to("cpu", copy=True) for t in fpn]
             self._drop(frame)
             self._ram[frame] = stored
             self._ram_used += self._record_bytes
@@ -109,9 +108,6 @@ class FeatureCache:
             pass
 
     # -- internals --------------------------------------------------------------------------
-    def _itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
     def _drop(self, frame: int) -> None:
         if self._ram.pop(frame, None) is not None:
             self._ram_used -= self._record_bytes
@@ -130,12 +126,15 @@ class FeatureCache:
     def _read_slot(self, slot: int) -> list[torch.Tensor]:
         raw = os.pread(self._file.fileno(), self._record_bytes, slot * self._record_bytes)
         out, offset = [], 0
-        for shape in self._shapes:
-            n = int(np.prod(shape))
-            nbytes = n * self._itemsize()
-            out.append(_from_bytes(raw[offset:offset + nbytes], shape, self.dtype))
+        for shape, dtype in self._layout:
+            nbytes = int(np.prod(shape)) * _itemsize(dtype)
+            out.append(_from_bytes(raw[offset:offset + nbytes], shape, dtype))
             offset += nbytes
         return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _as_bytes(t: torch.Tensor) -> bytes:

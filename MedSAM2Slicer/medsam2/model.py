@@ -147,8 +147,7 @@ class Model:
         with self.lock:
             cache = self._feature_caches.get(key)
             if cache is None:
-                # bfloat16 runs store features in bfloat16 too: half the memory, nothing lost
-                cache = FeatureCache(ram_mb=ram_mb, dtype=torch.bfloat16 if self.mixed_precision else torch.float32)
+                cache = FeatureCache(ram_mb=ram_mb)
                 self._feature_caches[key] = cache
             return cache
 
