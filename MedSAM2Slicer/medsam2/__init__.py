@@ -4,6 +4,8 @@ Importing this package is cheap and needs neither torch nor sam2: the Slicer mod
 before those are installed (to offer the install dialog). Heavy modules load on first use.
 """
 
+import os
+import sys
 import warnings
 from importlib import import_module
 
@@ -15,6 +17,14 @@ __version__ = "0.1.0"
 # holes; the official predictor skips it identically, so the warning is only noise. Set here, at
 # package import, so that no later warnings.catch_warnings() block can undo it.
 warnings.filterwarnings("ignore", message=r"cannot import name '_C' from 'sam2'", category=UserWarning)
+
+# On Apple silicon, an operation PyTorch has no MPS kernel for runs on the CPU instead of failing
+# (SAM2's own guidance for Macs). PyTorch reads this once, when it is first imported: setting it
+# here, before our first torch import, covers every process that starts with medsam2 (CLI,
+# server, tests); inside Slicer it applies when torch was not imported earlier. The user's own
+# setting wins.
+if sys.platform == "darwin":
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY = {
