@@ -47,9 +47,10 @@ def compile_mode(value) -> str | None:
 
 
 def _one_layout(module, args, kwargs):
-    """Frame features reach memory attention in two memory layouts (fresh from the encoder, or read
-    back from the feature cache); compiled code is specialised on strides, so without this every
-    propagation would compile memory attention again. Values are unchanged."""
+    """Frame features reach memory attention with different strides depending on the path they took
+    (a prompted frame or a tracked one, fresh or cached). Compiled code is specialised on strides,
+    so without this a new propagation compiled memory attention again (seen with TORCH_LOGS=
+    recompiles). Making them contiguous changes no value."""
     for key in ("curr", "curr_pos"):
         value = kwargs.get(key)
         if isinstance(value, (list, tuple)):
