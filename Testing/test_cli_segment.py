@@ -17,7 +17,7 @@ import slicerio
 
 from medsam2 import cli
 from medsam2.errors import InputError
-from medsam2.volume_io import palette_color, read_volume, write_labelmap, write_segmentation
+from medsam2.io.volume_io import palette_color, read_volume, write_labelmap, write_segmentation
 
 
 def _geometry(image):

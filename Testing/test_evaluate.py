@@ -213,8 +213,8 @@ def test_fused_evaluation_counts_corrections(model, ct_volume):
 
 
 def test_a_cropped_reference_is_placed_on_the_image_grid(tmp_path):
-    from medsam2.cli_evaluate import read_reference
-    from medsam2.volume_io import read_volume
+    from medsam2.cli.evaluate import read_reference
+    from medsam2.io.volume_io import read_volume
 
     image = sitk.GetImageFromArray(np.zeros((6, 10, 12), np.int16))
     image.SetSpacing((0.5, 0.5, 2.0))

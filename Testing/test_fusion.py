@@ -8,7 +8,7 @@ import pytest
 
 import medsam2
 from medsam2.fusion import FusionProgress, axis_prompts, total_steps
-from medsam2.volume_io import from_frames, to_frames
+from medsam2.io.volume_io import from_frames, to_frames
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from medsam2.errors import InputError
-from medsam2.prompts_io import read_prompts, to_frame_prompts
-from medsam2.volume_io import from_frames, read_volume, to_frames
+from medsam2.io.prompts_io import read_prompts, to_frame_prompts
+from medsam2.io.volume_io import from_frames, read_volume, to_frames
 
 SIZE = (11, 9, 7)  # (i, j, k)
 
@@ -69,7 +69,7 @@ def test_physical_index_conversion_matches_simpleitk(volume, sitk_image):
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_frame_pixel_addresses_the_same_voxel_as_simpleitk(volume, sitk_image, axis):
     """frames[frame, y, x] for a voxel's (frame, x, y) is that voxel's value in SimpleITK's (i, j, k)."""
-    from medsam2.volume_io import index_to_frame_pixel
+    from medsam2.io.volume_io import index_to_frame_pixel
 
     frames = to_frames(volume.array, axis)
     assert frames.shape[0] == volume.array.shape[axis]

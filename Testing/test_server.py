@@ -18,10 +18,10 @@ import pytest
 import uvicorn
 
 import medsam2
-from medsam2 import wire
-from medsam2.client import SessionReopened
+from medsam2.remote import wire
+from medsam2.remote.client import SessionReopened
 from medsam2.errors import InputError, ServerError, SessionExpired
-from medsam2.server import create_app
+from medsam2.remote.server import create_app
 
 TOKEN = "tok-7f3a9c1e5b"  # distinctive, so finding it in logs is unambiguous
 WRONG_TOKEN = "wrong-tok-42d8e6"
@@ -234,7 +234,7 @@ def logged():
             lines.append(self.format(record))
 
     handler = Keep(level=logging.DEBUG)
-    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "medsam2", "medsam2.server", "medsam2.client"]
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "medsam2", "medsam2.remote.server", "medsam2.remote.client"]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

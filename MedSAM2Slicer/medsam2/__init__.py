@@ -30,7 +30,7 @@ if sys.platform == "darwin":
 _LAZY = {
     "list_models": ("registry", "list_models"),
     "load_model": ("model", "load_model"),
-    "connect": ("client", "connect"),
+    "connect": ("remote.client", "connect"),
     "testing": ("testing", None),
 }
 

@@ -98,7 +98,7 @@ def hd95(pred, ref, spacing=None) -> float:
 
 # -- the simulated user ---------------------------------------------------------------------------
 def _frames(mask, axis):
-    from .volume_io import to_frames
+    from .io.volume_io import to_frames
 
     return to_frames(np.asarray(mask, bool), axis)
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .volume_io import from_frames, index_to_frame_pixel, to_frames
+from .io.volume_io import from_frames, index_to_frame_pixel, to_frames
 
 AXES_MODES = ("one", "all")
 

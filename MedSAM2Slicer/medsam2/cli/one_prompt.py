@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from .cli_common import load_model_for_cli
+from ..cli.common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -58,7 +58,7 @@ def _is_dicom(path):
 
 def list_images(folder):
     """Image file names of `folder`, sorted (what one-prompt reads)."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if not os.path.isdir(folder):
         raise InputError(f"FOLDER {folder}: no such folder (give a folder of PNG/JPEG/DICOM images)")
@@ -79,7 +79,7 @@ def read_image(path):
     """A 2-D grey or (rows, cols, 3|4) colour array of one image file."""
     import numpy as np
 
-    from .errors import InputError
+    from ..errors import InputError
 
     if _is_dicom(path):
         import SimpleITK as sitk
@@ -111,7 +111,7 @@ def read_prompt_file(path, names, shapes):
     """The prompts JSON -> [(image index, obj_id, points, labels, box)], checked against the images."""
     import numpy as np
 
-    from .errors import InputError
+    from ..errors import InputError
 
     try:
         with open(path) as f:
@@ -172,7 +172,7 @@ def read_prompt_file(path, names, shapes):
 def run(args):
     import numpy as np
 
-    from .errors import InputError
+    from ..errors import InputError
 
     # 1. inputs, before anything slow
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):

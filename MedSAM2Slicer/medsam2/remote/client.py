@@ -24,10 +24,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from ..errors import InputError, MedSAM2Error, ServerError, SessionExpired
 from . import wire
-from .errors import InputError, MedSAM2Error, ServerError, SessionExpired
 
-log = logging.getLogger("medsam2.client")
+log = logging.getLogger(__name__)
 
 _EXCEPTIONS = {"InputError": InputError, "ValueError": ValueError, "KeyError": KeyError,
                "IndexError": IndexError, "TypeError": TypeError}

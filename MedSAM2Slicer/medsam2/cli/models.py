@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import checkpoints, registry
+from .. import checkpoints, registry
 
 
 def _human(n):

@@ -6,7 +6,7 @@ is documented at `/docs` (OpenAPI). Its shape:
 - `GET /v1/health` (no token): is the process up. `GET /v1/info`: version, model, device, limits,
   free sessions.
 - `HEAD|PUT /v1/volumes/{sha256}`: a volume is uploaded once, addressed by its content digest
-  (`medsam2.wire.volume_digest`); re-opening the same volume skips the upload.
+  (`medsam2.remote.wire.volume_digest`); re-opening the same volume skips the upload.
 - `POST /v1/sessions` opens an engine session on an uploaded volume; `DELETE` closes it. Sessions
   idle longer than the TTL are freed; at most `max_sessions` are open (429 + Retry-After).
 - `POST /v1/sessions/{id}/prompts` adds a prompt and returns that frame's mask.
@@ -43,10 +43,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, wire
-from .errors import InputError, MedSAM2Error
+from .. import __version__
+from ..errors import InputError, MedSAM2Error
+from . import wire
 
-log = logging.getLogger("medsam2.server")
+log = logging.getLogger(__name__)
 
 API_VERSION = 1
 SESSION_WAIT_S = 10.0  # how long a propagate waits for its session's previous call before 409

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 # Slicer's GenericAnatomyColors, first entries: the colours Slicer gives new segments, so our
 # output looks like a segmentation made in Slicer. Objects beyond the list cycle through it.

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .cli_common import add_compile_argument, load_model_for_cli
+from ..cli.common import add_compile_argument, load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 
@@ -46,8 +46,8 @@ def add_arguments(p):
 
 
 def run(args):
-    from . import prompts_io, volume_io
-    from .errors import InputError
+    from ..io import prompts_io, volume_io
+    from ..errors import InputError
 
     # 1. inputs, before anything slow
     kind = volume_io.check_output_path(args.output, args.overwrite)
@@ -109,7 +109,7 @@ def _say(text):
 
 
 def _fusion_steps(shape):
-    from .fusion import total_steps
+    from ..fusion import total_steps
 
     return total_steps(shape)
 

@@ -1,6 +1,6 @@
 """`medsam2` console script: argument parsing and dispatch only.
 
-Each verb lives in its own module `medsam2.cli_<verb>` exposing `add_arguments(parser)` and
+Each verb lives in its own module `medsam2.cli.<verb>` exposing `add_arguments(parser)` and
 `run(args) -> int`; verbs import their heavy dependencies lazily so `medsam2 --help` is instant.
 """
 
@@ -8,23 +8,23 @@ import argparse
 import sys
 from importlib import import_module
 
-from .errors import MedSAM2Error
+from ..errors import MedSAM2Error
 
 # verb -> (module, one-line help)
 VERBS = {
-    "segment": ("cli_segment", "segment a volume from prompts and write a .seg.nrrd or label map"),
-    "models": ("cli_models", "list the model registry and what is cached"),
-    "download": ("cli_models", "download (and verify) a registry checkpoint into the cache"),
-    "serve": ("cli_serve", "run the remote GPU server"),
-    "bench": ("cli_bench", "benchmark against the official SAM2 predictor"),
-    "one-prompt": ("cli_oneprompt", "segment a set of 2D images from a few prompted ones"),
-    "evaluate": ("cli_evaluate", "simulate a user on labelled cases and report Dice / HD95"),
+    "segment": ("segment", "segment a volume from prompts and write a .seg.nrrd or label map"),
+    "models": ("models", "list the model registry and what is cached"),
+    "download": ("models", "download (and verify) a registry checkpoint into the cache"),
+    "serve": ("serve", "run the remote GPU server"),
+    "bench": ("bench", "benchmark against the official SAM2 predictor"),
+    "one-prompt": ("one_prompt", "segment a set of 2D images from a few prompted ones"),
+    "evaluate": ("evaluate", "simulate a user on labelled cases and report Dice / HD95"),
 }
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="medsam2", description=__doc__.splitlines()[0])
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"medsam2 {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

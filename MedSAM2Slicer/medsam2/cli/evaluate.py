@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .cli_common import load_model_for_cli
+from ..cli.common import load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 VOLUME_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -58,7 +58,7 @@ def case_name(path):
 
 def find_cases(image, label, prompts):
     """[(name, image path, label path, prompts path or None)]; one case, or folders matched by name."""
-    from .errors import InputError
+    from ..errors import InputError
 
     for what, path in (("IMAGE", image), ("LABEL", label)):
         if not os.path.exists(path):
@@ -93,7 +93,7 @@ def find_cases(image, label, prompts):
 
 
 def _case_prompts(prompts, name):
-    from .errors import InputError
+    from ..errors import InputError
 
     if prompts == "auto":
         return None
@@ -117,7 +117,7 @@ def read_reference(path, volume, select=None):
     import numpy as np
     import SimpleITK as sitk
 
-    from .errors import InputError
+    from ..errors import InputError
 
     reference = volume.reference_image(np.zeros(volume.array.shape, np.uint8))
     if path.lower().endswith(".seg.nrrd"):
@@ -187,8 +187,8 @@ def _onto_grid(array_kji, ijk_to_lps, reference):
 
 def _file_prompts(path, volume, objects):
     """Per reference object: add_prompt kwargs from a prompts file (matched by name, then by id)."""
-    from . import prompts_io
-    from .errors import InputError
+    from ..io import prompts_io
+    from ..errors import InputError
 
     given = prompts_io.read_prompts([path])
     frame_prompts = prompts_io.to_frame_prompts(given, volume, 0)
@@ -204,8 +204,8 @@ def _file_prompts(path, volume, objects):
 
 # -- run -------------------------------------------------------------------------------------------
 def run(args):
-    from . import volume_io
-    from .errors import InputError
+    from ..io import volume_io
+    from ..errors import InputError
 
     # 1. inputs, before anything slow
     if args.corrections < 0:
@@ -244,7 +244,7 @@ def run(args):
         loaded.append((name, image, label, volume, objects, file_prompts))
 
     # 2. model
-    from .evaluate import evaluate_object
+    from ..evaluate import evaluate_object
 
     model = load_model_for_cli(args, "scores")
 
@@ -290,7 +290,7 @@ def run(args):
 def _write_prediction(path, predictions, volume, overwrite):
     import numpy as np
 
-    from . import volume_io
+    from ..io import volume_io
 
     if volume_io.output_kind(path) == "segmentation":
         volume_io.write_segmentation(path, [{"name": n, "mask": m} for _v, n, m in predictions], volume,

@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 
-from .cli_common import add_compile_argument, load_model_for_cli
+from ..cli.common import add_compile_argument, load_model_for_cli
 
 DEFAULT_MODEL = "medsam2_latest"
 TOKEN_ENV = "MEDSAM2_TOKEN"
@@ -55,7 +55,7 @@ def is_loopback(host):
 
 def read_token(args):
     """The token from --token, --token-file or $MEDSAM2_TOKEN (in that order); None if none."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if args.token is not None:
         token = args.token.strip()
@@ -79,7 +79,7 @@ def read_token(args):
 
 
 def run(args):
-    from .errors import InputError
+    from ..errors import InputError
 
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: must be 1..65535")
@@ -97,11 +97,11 @@ def run(args):
             f"refusing to listen on {args.host} without a token: anyone on the network could use the GPU and "
             f"read uploaded images. Give --token-file FILE (or --token, or ${TOKEN_ENV}); --insecure overrides")
 
-    from . import server
+    from ..remote import server
 
     model = load_model_for_cli(args, "masks")
     if model.compiled:  # compile now, not in the first client's propagation (which could time out)
-        from .compilation import warm_up
+        from ..compilation import warm_up
 
         _say(f"medsam2 serve: compiling the network ({model.compiled} mode); this takes minutes, once ...")
         _say(f"medsam2 serve: compiled in {warm_up(model):.0f} s")

@@ -2,7 +2,7 @@
 
 import json
 
-from .cli_common import add_compile_argument
+from ..cli.common import add_compile_argument
 
 
 def add_arguments(p):
@@ -20,9 +20,9 @@ def add_arguments(p):
 
 
 def run(args):
-    from .bench import VARIANTS, format_table, run_bench
-    from .errors import InputError
-    from .registry import get_spec
+    from ..bench import VARIANTS, format_table, run_bench
+    from ..errors import InputError
+    from ..registry import get_spec
 
     spec = get_spec(args.model)
     try:

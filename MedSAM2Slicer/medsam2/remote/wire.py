@@ -18,7 +18,7 @@ import json
 import numpy as np
 import zstandard
 
-from .errors import InputError
+from ..errors import InputError
 
 DTYPE_HEADER = "X-MedSAM2-Dtype"
 SHAPE_HEADER = "X-MedSAM2-Shape"
@@ -200,7 +200,7 @@ def encode_mask(mask, packed=None):
 def decode_mask(obj, shape=None):
     """Inverse of `encode_mask`; `shape` (if given) is the shape the caller expects."""
     if not isinstance(obj, dict) or "shape" not in obj or "bits" not in obj:
-        raise InputError("mask must be an object with 'shape' and 'bits' (as made by medsam2.wire.encode_mask)")
+        raise InputError("mask must be an object with 'shape' and 'bits' (as made by medsam2.remote.wire.encode_mask)")
     try:
         got_shape = tuple(int(v) for v in obj["shape"])
         compressed = base64.b64decode(obj["bits"], validate=True)

@@ -1,0 +1,1 @@
+"""Files in and out of the engine: volumes (NRRD, NIfTI, MHA, DICOM) and prompt files."""

@@ -1,0 +1,1 @@
+"""The engine's session interface over HTTP: wire format, client, server."""
