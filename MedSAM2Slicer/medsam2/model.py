@@ -14,10 +14,10 @@ from .errors import InputError
 from .features import FeatureCache
 from .frames import FrameSource
 from .memory_bank import BankParams
+from .options import MEMORY_MODES, PRECISIONS
 from .prefetch import FramePrefetcher
 from .session import Session
 
-MEMORY_MODES = ("self-sorting", "sam2")
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this checkpoint was generated for tests and benchmarks; its masks are meaningless. "
     "Load a registry model (medsam2 download NAME) for real segmentation."
@@ -42,9 +42,6 @@ def pick_device(device="auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("device 'mps' asked for, but Apple MPS is not available here; use cpu or auto")
     return dev
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def bank_params_for(memory, memory_bank) -> BankParams | None:

@@ -1,0 +1,8 @@
+"""The engine's choices, by name, importable without torch (the CLI's --help, Slicer's settings
+panel and the web page list them before torch is installed). One place for each list."""
+
+DEFAULT_MODEL = "medsam2_latest"
+MEMORY_MODES = ("self-sorting", "sam2")  # MedSAM-2's self-sorting bank, or stock SAM2 memory
+DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too wherever a device is given
+PRECISIONS = ("auto", "float32", "bfloat16")
+AXES = ("one", "all")  # propagate along the prompted axis, or along all three and fuse
