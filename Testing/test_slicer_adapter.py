@@ -279,15 +279,17 @@ def test_up_and_down_follow_the_view_normal(recorder):
         volume = sf.add_volume(scene, sf.unique_volume(SHAPE), sf.matrix4(rotation))
         segmentation, (seg_a, _) = sf.add_segmentation(scene, volume)
         session = _session(volume, segmentation, seg_a, recorder)
-        job = session.prepare_point(sf.ijk_to_ras(volume, (4, 4, 3)), slice_normal=NORMALS["axial"])
-        job.compute()
-        job.commit()
-        assert session.prepare_propagation("up").direction == up
-        assert session.prepare_propagation("down").direction == ({"forward", "backward"} - {up}).pop()
-        job = session.prepare_propagation("both", slice_range=(1, 5))
-        assert (job.stop, job.total) == ((1, 5), 3 + 3)
+        session.add_point(sf.ijk_to_ras(volume, (4, 4, 3)), slice_normal=NORMALS["axial"])
+        for asked, expected in (("up", up), ("down", ({"forward", "backward"} - {up}).pop())):
+            job = session.submit_propagate(asked)
+            assert job.direction == expected
+            job.cancel()  # never started: queued jobs leave nothing behind
+            assert job.done and not session.busy
+        job = session.submit_propagate("both", slice_range=(1, 5))
+        assert (job.stop, job.total) == ((1, 5), 5), "slices 1..5, each counted once"
+        job.cancel()
         with pytest.raises(ValueError, match="must include"):
-            session.prepare_propagation("both", slice_range=(4, 6))
+            session.submit_propagate("both", slice_range=(4, 6))
 
 
 def test_segments_are_independent_and_undo_redo_restore_exactly(recorder):
@@ -436,60 +438,28 @@ def test_segmentation_on_another_grid_is_refused_with_advice(recorder):
         _session(volume, segmentation, seg_a, recorder)
 
 
-def test_threaded_steps_keep_the_scene_on_the_calling_thread(recorder):
-    """prepare/commit on this thread, compute on another: the path the Qt shell takes."""
+def test_submitting_returns_at_once_and_poll_writes_the_slice(recorder):
+    """The shell's path: submit (no engine work, no write), then poll() from its timer applies."""
     scene, volume, segmentation, (seg_a, _) = _scene_for("lps")
     session = _session(volume, segmentation, seg_a, recorder)
-    job = session.prepare_point(sf.ijk_to_ras(volume, (7, 6, 3)))
     snapshot = sf.segment_array(scene, segmentation, seg_a, volume)
-    worker = threading.Thread(target=job.compute)
-    worker.start()
-    worker.join()
+    job = session.submit_point(sf.ijk_to_ras(volume, (7, 6, 3)))
+    assert not job.done and session.busy and not recorder.opened, "nothing reached the engine yet"
     np.testing.assert_array_equal(sf.segment_array(scene, segmentation, seg_a, volume), snapshot)
-    job.commit()
+    while not job.done:
+        session.poll()
+    assert job.error is None and job.action is not None and session.can_undo
     assert sf.segment_array(scene, segmentation, seg_a, volume)[3].any()
 
 
 # --- the non-Qt helpers the module shell stands on --------------------------------------------
 
-def test_worker_runs_tasks_in_order_off_the_main_thread_and_delivers_on_drain():
-    import time
-
-    from MedSAM2Lib.worker import Worker
-
-    worker = Worker()
-    main = threading.current_thread()
-    seen, done, errors = [], [], []
-
-    def job(emit, cancel):
-        for i in range(3):
-            emit((i, threading.current_thread() is main))
-        return "finished"
-
-    def failing(emit, cancel):
-        raise ValueError("bad slice")
-
-    worker.submit(job, on_done=done.append, on_item=seen.append)
-    worker.submit(failing, on_error=errors.append)
-    cancelled = worker.submit(lambda emit, cancel: cancel.wait(5) and "stopped", on_done=done.append)
-    cancelled.cancel.set()
-    assert seen == [] and worker.busy, "nothing is delivered until the main thread drains"
-    deadline = time.time() + 10
-    while worker.busy and time.time() < deadline:
-        worker.drain()
-        time.sleep(0.01)
-    assert seen == [(0, False), (1, False), (2, False)]
-    assert done == ["finished", "stopped"]
-    assert len(errors) == 1 and "bad slice" in str(errors[0]) and "Traceback" in errors[0].medsam2_traceback
-    worker.stop()
-    assert not worker.thread.is_alive()
-
-
 def test_install_plan_pins_versions_and_installs_sam2_without_touching_torch():
     from MedSAM2Lib import install
 
     present = {"torch": "2.5.1+cu121", "numpy": "1.26.4", "pillow": "10.0.0", "setuptools": "70.0",
-               "platformdirs": "4.0", "httpx": "0.28.0", "zstandard": "0.23.0"}
+               "platformdirs": "4.0", "httpx": "0.28.0", "zstandard": "0.23.0", "fastapi": "0.115.0",
+               "uvicorn": "0.34.0"}
     missing = install.missing("local", version_of=present.get)
     assert [r.distribution for r in missing] == ["tqdm", "hydra-core", "iopath", "wheel", "sam2"]
     assert install.pip_arguments(missing[-1]) == "--no-build-isolation --no-deps sam2==1.1.0"
@@ -522,21 +492,17 @@ def test_install_plan_pins_versions_and_installs_sam2_without_touching_torch():
     assert install.importable("local") is None
 
 
-def test_model_holder_refuses_random_weights_unless_allowed(random_checkpoint):
-    from medsam2.errors import CheckpointError
+def test_settings_choose_a_local_or_remote_engine_and_check_the_device():
+    from MedSAM2Lib import LocalEngine, ModelSettings, RemoteEngine
 
-    from MedSAM2Lib.models import ModelHolder, ModelSettings
-
-    settings = ModelSettings(name="sam2.1_hiera_tiny", checkpoint=str(random_checkpoint), device="cpu",
-                             image_size=256)
-    with pytest.raises(CheckpointError, match="random test weights.*Developer mode"):
-        ModelHolder(settings).get()
-    holder = ModelHolder(ModelSettings(**{**settings.__dict__, "allow_random": True}))
-    assert not holder.loaded
-    session = holder.open(np.zeros((2, 8, 8), np.int16), window=(-1, 1))
-    assert holder.loaded and session.num_frames == 2
+    local = ModelSettings(name="sam2.1_hiera_tiny", checkpoint="/x/y.pt", device="cpu", image_size=256).create_engine()
+    assert isinstance(local, LocalEngine) and not isinstance(local, RemoteEngine) and local.state == "stopped"
+    assert local.config["checkpoint"] == "/x/y.pt" and local.config["image_size"] == 256
+    remote = ModelSettings(server_url="http://127.0.0.1:9", token="t").create_engine()
+    assert isinstance(remote, RemoteEngine) and remote.config["url"] == "http://127.0.0.1:9"
+    assert local.pid is None and remote.pid is None, "no child starts before the first use"
     with pytest.raises(ValueError, match="Device must be one of"):
-        ModelHolder(ModelSettings(device="tpu"))
+        ModelSettings(device="tpu").create_engine()
 
 
 def test_fused_axes_write_the_engines_fused_volume(model):
@@ -548,17 +514,17 @@ def test_fused_axes_write_the_engines_fused_volume(model):
     session.add_point(sf.ijk_to_ras(volume, (7, 6, 3)))
     with pytest.raises(InputError, match="Fusing all three axes"):
         session.propagate("forward")
-    job = session.prepare_propagation("both")
+    job = session.submit_propagate("both")
     steps_at_first_slice = None
-    for frame, mask in job.frames():
-        if steps_at_first_slice is None:
-            steps_at_first_slice = job.steps
-        job.apply({frame: mask})
-    job.commit()
+    while not job.done:
+        session.poll()
+        if steps_at_first_slice is None and job.done_frames:
+            steps_at_first_slice = job.steps - job.done_frames + 1
+    assert job.error is None
     # the progress bar moved through the three single-axis runs before any fused slice came
     assert steps_at_first_slice > 3 * SHAPE[0] and job.steps == job.steps_total > job.total == SHAPE[0]
     state = session._axes[session._last_axis]
-    fused = state.layout.slab_to_kji(state.engine.mask(1))  # the engine's fused result, KJI order
+    fused = state.layout.slab_to_kji(session.engine_masks())  # the engine's fused result, KJI order
     written = sf.segment_array(scene, segmentation, seg_a, volume)
     prompted = {f for f, p in state.prompts.items() if p}
     for k in range(SHAPE[0]):
@@ -576,10 +542,10 @@ def test_image_set_mode_segments_every_slice_without_slice_order(model):
     session = _session(volume, segmentation, seg_a, model, image_set=True)
     session.add_point(sf.ijk_to_ras(volume, (7, 6, 3)))
     state = session._axes[session._last_axis]
-    assert type(state.engine).__name__ != "Session"  # the engine's image-set session, not a volume one
+    assert type(state.engine.session).__name__ != "Session"  # the engine's image-set session, not a volume one
     session.propagate("both")
     written = sf.segment_array(scene, segmentation, seg_a, volume)
-    engine = state.layout.slab_to_kji(np.stack([state.engine.mask(1)[f] for f in range(SHAPE[0])]))
+    engine = state.layout.slab_to_kji(session.engine_masks())
     prompted = {f for f, p in state.prompts.items() if p}
     for k in set(range(SHAPE[0])) - prompted:
         assert np.array_equal(written[k], engine[k]), f"slice {k}"

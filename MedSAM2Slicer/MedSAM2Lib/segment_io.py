@@ -16,19 +16,10 @@ import numpy as np
 
 from medsam2.errors import InputError
 
+from .actions import pack
 from .geometry import grids_match, labelmap_geometry, numpy_to_vtk_matrix, vtk_to_numpy_matrix
 
 BINARY_LABELMAP = "Binary labelmap"
-
-
-def pack(mask):
-    """bool (rows, cols) -> compact record for undo (1 bit per pixel)."""
-    return (mask.shape, np.packbits(mask, axis=None))
-
-
-def unpack(record):
-    shape, bits = record
-    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
 def contiguous_runs(frames):

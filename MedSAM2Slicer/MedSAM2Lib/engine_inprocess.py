@@ -1,0 +1,161 @@
+"""A model loaded in this process, behind the engine interface (engine_api.py).
+
+For scripts, tests and the Python console: `SegmentationSession(..., medsam2.load_model(...))`
+or `(..., medsam2.connect(url))` wraps the model in an InProcessEngine. Requests run at the call
+(the caller's thread computes), except a propagation, which advances one frame per `poll()` so
+a caller can write and show frames as they come. Not for a GUI's main thread: use LocalEngine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from .engine_api import Request
+
+
+class InProcessEngine:
+    state = "ready"
+    generation = 1
+    restarts = 0
+    stopped_reason = ""
+
+    def __init__(self, model):
+        self.model = model
+        self._streams: list = []  # (request, generator) of running propagations
+
+    @property
+    def info(self) -> dict:
+        return {"model": getattr(self.model, "name", None), "device": str(getattr(self.model, "device", "")),
+                "image_size": getattr(self.model, "image_size", None),
+                "weights_are_random": bool(getattr(self.model, "weights_are_random", False))}
+
+    def open(self, frames, memory="self-sorting", window=None, image_set=False) -> "InProcessSession":
+        handle = InProcessSession(self)
+
+        def opening():
+            if image_set:
+                if not hasattr(self.model, "open_images"):
+                    raise ValueError("2D image set mode needs a model that offers it (open_images).")
+                return self.model.open_images(list(np.asarray(frames)), memory=memory, window=window)
+            return self.model.open(frames, memory=memory, window=window)
+
+        handle.opened = _run("open", opening)
+        handle.session = handle.opened.value
+        return handle
+
+    def poll(self, budget_s: float = 0.01) -> int:
+        """Advance each running propagation by one frame."""
+        delivered = 0
+        for request, frames in list(self._streams):
+            try:
+                item = next(frames)
+            except StopIteration:
+                request.finish({"cancelled": request.cancel_requested})
+            except BaseException as exc:  # the error belongs to the request
+                request.finish(error=exc)
+            else:
+                request.items.append((_frame_of(item[0]), {int(o): np.asarray(m, dtype=bool) for o, m in item[1].items()}))
+                delivered += 1
+                continue
+            self._streams.remove((request, frames))
+        return delivered
+
+    def wait(self, request: Request, timeout: float | None = None) -> Request:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not request.done:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{request.op} did not finish within {timeout:g} s")
+        return request
+
+    def _stream(self, request: Request, frames) -> Request:
+        self._streams.append((request, frames))
+        return request
+
+    def close(self) -> None:
+        """The model belongs to the caller; only running propagations stop."""
+        for request, frames in self._streams:
+            frames.close()
+            request.finish({"cancelled": True})
+        self._streams.clear()
+
+
+class InProcessSession:
+    """An engine session of the in-process model (see engine_api.py for the interface)."""
+
+    def __init__(self, engine: InProcessEngine):
+        self.engine = engine
+        self.session = None
+        self.opened: Request | None = None
+        self.alive = True
+
+    def _call(self, op, fn) -> Request:
+        if self.session is None:
+            return _failed(op, self.opened.error)
+        return _run(op, fn)
+
+    @property
+    def num_frames(self):
+        return self.session.num_frames
+
+    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None) -> Request:
+        return self._call("add_prompt", lambda: np.asarray(self.session.add_prompt(
+            frame, obj_id=obj_id, points=points, labels=labels, box=box, mask=mask), dtype=bool))
+
+    def set_prompts(self, frame, obj_id, prompts) -> Request:
+        def replay():
+            if obj_id in self.session.obj_ids:
+                self.session.clear_prompts(frame, obj_id)
+            for p in prompts:
+                self.session.add_prompt(frame, obj_id=obj_id, **p)
+            return {}
+
+        return self._call("set_prompts", replay)
+
+    def propagate(self, direction="both", start=None, stop=None, axes=None) -> Request:
+        if self.session is None:
+            return _failed("propagate", self.opened.error)
+        cancel = threading.Event()
+        request = Request("propagate", stream=True, on_cancel=lambda r: cancel.set())
+        kwargs = {"axes": axes} if axes not in (None, "one") else {}
+        try:  # arguments are checked at the call, as the engine does
+            frames = iter(self.session.propagate(direction=direction, start=start, stop=stop, cancel=cancel, **kwargs))
+        except BaseException as exc:
+            request.finish(error=exc)
+            return request
+        return self.engine._stream(request, frames)
+
+    def masks(self, obj_id=None) -> Request:
+        return self._call("masks", lambda: self.session.masks() if obj_id is None else self.session.mask(obj_id))
+
+    def close(self) -> None:
+        self.alive = False
+        session, self.session = self.session, None
+        if session is not None and hasattr(session, "close"):
+            try:
+                session.close()
+            except Exception:  # best effort (e.g. a remote server that is gone)
+                pass
+
+
+def _frame_of(item) -> int:
+    """A propagation item's frame index (a fused run's progress items carry it as `.frame`)."""
+    return int(getattr(item, "frame", item))
+
+
+def _run(op, fn) -> Request:
+    request = Request(op)
+    try:
+        request.finish(fn())
+    except BaseException as exc:  # the error belongs to the request, as an engine process's would
+        request.finish(error=exc)
+    return request
+
+
+def _failed(op, error) -> Request:
+    request = Request(op)
+    request.finish(error=error)
+    return request

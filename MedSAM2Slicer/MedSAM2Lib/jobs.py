@@ -1,0 +1,177 @@
+"""A session's jobs: one prompt, or one propagation, from submission to its undo step.
+
+A job is submitted (geometry checked on the main thread, returns at once), waits in its
+session's queue, is started (its requests sent to the engine), then stepped by `poll()` on the
+main thread: each step applies what the engine has sent so far, within a time budget, and never
+waits. Nothing here runs on another thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .actions import OBJ_ID, Action, AxisState, Prompt
+
+QUEUED, RUNNING, FINISHED = "queued", "running", "finished"
+
+
+class Job:
+    """Common lifecycle. `done`, `error`, `cancel()`, `progress` are what a shell reads."""
+
+    kind = "job"
+
+    def __init__(self, session, state: AxisState):
+        self.session, self.state = session, state
+        self.status = QUEUED
+        self.error: BaseException | None = None
+        self.action: Action | None = None
+        self.cancelled = False
+        self.discard = False   # the session is closing: apply nothing more
+        self._requests: list = []
+
+    @property
+    def done(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def progress(self) -> tuple:
+        """(done, total) in the job's own units (frames for a propagation)."""
+        return (1, 1) if self.done else (0, 1)
+
+    def cancel(self) -> None:
+        """Stop the job: a queued one never starts; a running propagation stops within one frame
+        and keeps the slices already finished (one undo step)."""
+        self.cancelled = True
+        if self.status == QUEUED:
+            self.status = FINISHED
+            self.session._dequeue(self)
+        else:
+            for request in self._requests:
+                request.cancel()
+
+    def start(self) -> None:
+        """Send this job's requests (the engine session is opened and brought up to date first)."""
+        self.status = RUNNING
+        handle = self.session._engine_for(self.state)
+        for frame, prompts in self.state.replay():
+            self._requests.append(handle.set_prompts(frame, OBJ_ID, [p.engine_kwargs() for p in prompts]))
+        self._handle = handle
+        self._send(handle)
+
+    def _send(self, handle) -> None:
+        raise NotImplementedError
+
+    def _first_error(self):
+        opened = getattr(self._handle, "opened", None)
+        if opened is not None and opened.error is not None:
+            return opened.error  # the root cause: every later request on it fails too
+        return next((r.error for r in self._requests if r.error is not None), None)
+
+    def step(self, deadline: float) -> bool:
+        """Apply what has arrived; True once the job is finished (its undo step recorded)."""
+        raise NotImplementedError
+
+    def _finish(self, error=None) -> bool:
+        self.status = FINISHED
+        if error is not None and not (self.cancelled and _is_cancellation(error)):
+            self.error = error
+        return True
+
+
+class PromptJob(Job):
+    """One prompt on one frame: the engine returns that frame's mask, written into the segment."""
+
+    def __init__(self, session, state, kind: str, prompt: Prompt, write_result: bool = True):
+        super().__init__(session, state)
+        self.kind, self.prompt, self.write_result = kind, prompt, write_result
+        self.mask = None
+
+    @property
+    def frame(self) -> int:
+        return self.prompt.frame
+
+    def _send(self, handle) -> None:
+        self.state.add(self.prompt)
+        self._request = handle.add_prompt(self.frame, obj_id=OBJ_ID, **self.prompt.engine_kwargs())
+        self._requests.append(self._request)
+
+    def step(self, deadline: float) -> bool:
+        if not all(r.done for r in self._requests):
+            return False
+        error = self._first_error()
+        if error is not None or self.cancelled or self.discard:
+            # refused, cancelled or abandoned: forget the prompt, and make the engine forget it too
+            self.state.remove(self.prompt)
+            return self._finish(error)
+        self.mask = np.asarray(self._request.value, dtype=bool)
+        self.action = Action(self.kind, self.state.layout.axis, prompt=self.prompt)
+        if self.write_result:
+            self.action.changes = self.session._segment.write(self.state.layout, {self.frame: self.mask})
+        self.session._push(self.action)
+        return self._finish()
+
+
+class PropagationJob(Job):
+    """Propagation along one axis: finished frames are written as they arrive, a batch per step."""
+
+    kind = "propagation"
+
+    def __init__(self, session, state, direction, start, stop, total, steps_total=None):
+        super().__init__(session, state)
+        self.direction, self.start_frame, self.stop, self.total = direction, start, stop, total
+        self.action = Action("propagation", state.layout.axis)
+        self.done_frames = 0   # frames received (written or not)
+        # progress in engine items: a fused run first reports its three single-axis runs
+        self.steps = 0
+        self.steps_total = steps_total or total
+        self.written: list = []  # frames written by the last step (for progress callbacks)
+        self._cost = 0.002       # seconds to write one frame, learnt as frames are written
+
+    @property
+    def progress(self) -> tuple:
+        return (min(self.steps, self.steps_total), self.steps_total)
+
+    def _send(self, handle) -> None:
+        axes = "all" if self.session.axes == "all" else None
+        self._request = handle.propagate(self.direction, start=self.start_frame, stop=self.stop, axes=axes)
+        self._requests.append(self._request)
+
+    def step(self, deadline: float) -> bool:
+        self.written = []
+        items = self._request.items
+        batch = {}
+        # take as many finished frames as can be written before the deadline (at least one)
+        while items and (not batch or time.monotonic() + self._cost * (len(batch) + 1) < deadline):
+            frame, masks = items.popleft()
+            self.steps += 1
+            mask = masks.get(OBJ_ID)
+            if mask is not None:
+                batch[frame] = mask
+                self.done_frames += 1
+        if batch and not self.discard:
+            began = time.monotonic()
+            self.apply(batch)
+            self._cost = 0.7 * self._cost + 0.3 * (time.monotonic() - began) / len(batch)
+            self.written = sorted(batch)
+        if items or not all(r.done for r in self._requests):
+            return False
+        if not self.discard and self.action.changes:
+            self.session._push(self.action)  # one undo step, even after a cancel
+        return self._finish(self._first_error())
+
+    def apply(self, masks: dict) -> list:
+        """Write {frame: mask}. Prompted slices keep what their prompt gave (the engine re-yields
+        them unchanged, and a hand-edited slice would come back at the model's coarser resolution)."""
+        prompted = set(self.state.prompted_frames())
+        writable = {f: m for f, m in masks.items() if f not in prompted}
+        changed = self.session._segment.write(self.state.layout, writable) if writable else {}
+        for frame, (old, new) in changed.items():
+            previous = self.action.changes.get(frame)  # keep the oldest 'old' if written twice
+            self.action.changes[frame] = (previous[0] if previous else old, new)
+        return sorted(changed)
+
+
+def _is_cancellation(error) -> bool:
+    return "cancel" in str(error).lower()
