@@ -263,9 +263,14 @@ class LocalEngine:
         self._ids += 1
         return self._ids
 
-    def _request(self, op, fields, payload=b"", stream=False) -> Request:
-        if self.state in ("stopped", "failed"):
+    def _ensure_started(self) -> None:
+        """A stopped or failed engine starts a child; a closed one refuses."""
+        if self.state in ("stopped", "failed", "closed"):
             self.start()
+
+    def _request(self, op, fields, payload=b"", stream=False) -> Request:
+        if op != "start":
+            self._ensure_started()
         request = Request(op, stream, on_cancel=self._cancel)
         request.id = self._next_id()
         self._requests[request.id] = request
@@ -286,8 +291,7 @@ class LocalEngine:
              ) -> EngineSession:
         """Open an engine session on `frames` (slices, rows, cols); returns at once. Requests on the
         session may be made right away: the child runs them in order after the open."""
-        if self.state in ("stopped", "failed"):
-            self.start()
+        self._ensure_started()
         self._handles += 1
         frames = np.asarray(frames)
         handle = EngineSession(self, self._handles, frames.shape[0], frames.shape[1:])
@@ -464,8 +468,7 @@ class LocalEngine:
 
     def wait_ready(self, timeout: float | None = None) -> dict:
         """Start the child if needed and wait until the model is loaded; returns its info."""
-        if self.state in ("stopped", "failed"):
-            self.start()
+        self._ensure_started()
         start = next((r for r in self._requests.values() if r.op == "start"), None)
         if start is not None:
             self.wait(start, timeout)

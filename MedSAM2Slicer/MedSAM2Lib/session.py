@@ -260,8 +260,9 @@ class SegmentationSession:
                 except Exception as exc:  # e.g. the segment was deleted, the engine was closed
                     job._finish(exc)
             if job.status == FINISHED or job.step(deadline):
-                if job.error is not None and job.state.engine is not None and not job.state.engine.alive:
-                    job.state.engine = None  # re-opened (prompts replayed) by the next job
+                opened = getattr(job.state.engine, "opened", None)
+                if opened is not None and opened.error is not None:
+                    job.state.engine = None  # it never opened: the next job tries again
                 finished.append(job)
                 self._running = None
                 if time.monotonic() < deadline:

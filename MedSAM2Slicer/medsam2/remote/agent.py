@@ -36,6 +36,9 @@ from . import channel
 
 log = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
+# The engine computes on every core; the application's UI must stay first in line for the CPU
+# (its clicks and redraws are short, the engine's work is long), as for any background job.
+NICENESS = 5
 
 
 class Link:
@@ -298,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the application's loopback socket")
     args = parser.parse_args(argv)
     key = os.environ.pop(channel.KEY_ENV, "")
+    if hasattr(os, "nice"):
+        os.nice(NICENESS)
     host, port = args.connect.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.settimeout(None)
@@ -311,6 +316,7 @@ def main(argv=None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to our own server is noise
     if os.name == "posix":
         threading.Thread(target=_watch_parent, args=(os.getppid(),), name="medsam2-parent", daemon=True).start()
 
