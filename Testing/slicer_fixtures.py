@@ -7,6 +7,8 @@ what the adapter sends it (the engine still does all the work).
 
 import numpy as np
 
+CT_WINDOW = (-1000.0, 400.0)  # slicerio's chest CT as a lung window shows it
+
 
 def new_scene():
     """A bare MRML scene with the Segmentations logic registered (as Slicer's startup does)."""
@@ -181,3 +183,22 @@ class RecordingModel:
 
     def prompts(self, index=-1):
         return [e for e in self.opened[index][2] if e[0] == "add_prompt"]
+
+
+def ct_scene(ct_volume, first=9, count=16, upsample=1):
+    """slicerio's chest CT (a slab of it) as a volume node, LPS-like like DICOM, plus a segment."""
+    values = np.ascontiguousarray(ct_volume[first:first + count]).astype(np.int16)
+    if upsample > 1:
+        values = np.ascontiguousarray(values.repeat(upsample, axis=1).repeat(upsample, axis=2))
+    spacing = (0.7 / upsample, 0.7 / upsample, 2.5)
+    scene = new_scene()
+    volume = add_volume(scene, values, matrix4(np.diag([-1.0, -1.0, 1.0]), spacing, (10.0, 20.0, -30.0)),
+                        window=CT_WINDOW)
+    segmentation, ids = add_segmentation(scene, volume)
+    return scene, volume, segmentation, ids[0], values
+
+
+def prompt_ras(volume, values):
+    """A point on the middle slice, a third of the way along its rows (in the chest CT: lung)."""
+    k, j, i = values.shape[0] // 2, values.shape[1] // 2, values.shape[2] // 3
+    return ijk_to_ras(volume, (i, j, k) + np.zeros(3)), k

@@ -20,7 +20,6 @@ from engine_loop import run_main_loop, slowest_tick, thread_slowdown_under_loop
 warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
 
 AXIAL = (0.0, 0.0, 1.0)
-CT_WINDOW = (-1000.0, 400.0)
 
 
 def _engine(random_checkpoint):
@@ -51,29 +50,10 @@ def _warm_up(engine_or_model):
         engine_or_model.open(volume, memory="sam2").add_prompt(1, points=[[30, 30]], labels=[1])
 
 
-def _ct_scene(ct_volume, first=9, count=16, upsample=1):
-    """slicerio's chest CT (a slab of it) as a volume node, LPS-like like DICOM, plus a segment."""
-    values = np.ascontiguousarray(ct_volume[first:first + count]).astype(np.int16)
-    if upsample > 1:
-        values = np.ascontiguousarray(values.repeat(upsample, axis=1).repeat(upsample, axis=2))
-    spacing = (0.7 / upsample, 0.7 / upsample, 2.5)
-    scene = sf.new_scene()
-    volume = sf.add_volume(scene, values, sf.matrix4(np.diag([-1.0, -1.0, 1.0]), spacing, (10.0, 20.0, -30.0)),
-                           window=CT_WINDOW)
-    segmentation, ids = sf.add_segmentation(scene, volume)
-    return scene, volume, segmentation, ids[0], values
-
-
 def _session(volume, segmentation, segment_id, engine, **kw):
     from MedSAM2Lib import SegmentationSession
 
     return SegmentationSession(volume, segmentation, segment_id, engine, memory="sam2", **kw)
-
-
-def _prompt_ras(volume, values):
-    """A point on the middle slice, a third in from the left: inside the (patient's right) lung."""
-    k, j, i = values.shape[0] // 2, values.shape[1] // 2, values.shape[2] // 3
-    return sf.ijk_to_ras(volume, (i, j, k) + np.zeros(3)), k
 
 
 def _segment_equals_engine(session, scene, segmentation, segment_id, volume):
@@ -103,8 +83,8 @@ def test_propagation_under_slicers_gil_policy_is_as_fast_as_the_engine_alone(eng
     and the child process, polled from a GIL-holding main loop: within 1.25x of the same work on
     the engine in this process, no poll() over 50 ms, and the segment holds exactly the engine's
     masks (which equal the in-process engine's: same weights, same frames)."""
-    scene, volume, segmentation, segment_id, values = _ct_scene(ct_volume)
-    ras, k = _prompt_ras(volume, values)
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume)
+    ras, k = sf.prompt_ras(volume, values)
 
     # the same work on the engine alone, in this process
     from MedSAM2Lib import VolumeGeometry
@@ -114,7 +94,7 @@ def test_propagation_under_slicers_gil_policy_is_as_fast_as_the_engine_alone(eng
     frames = layout.frames(volume_array(volume))
     _warm_up(model)
     began = time.perf_counter()
-    plain = model.open(frames, memory="sam2", window=CT_WINDOW)
+    plain = model.open(frames, memory="sam2", window=sf.CT_WINDOW)
     plain.add_prompt(frame, obj_id=1, points=[[x, y]], labels=[1])
     for _ in plain.propagate("both"):
         pass
@@ -140,10 +120,10 @@ def test_propagation_under_slicers_gil_policy_is_as_fast_as_the_engine_alone(eng
 
 
 def test_512_pixel_slices_keep_every_poll_short(engine, ct_volume):
-    scene, volume, segmentation, segment_id, values = _ct_scene(ct_volume, first=12, count=8, upsample=4)
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, first=12, count=8, upsample=4)
     assert values.shape[1:] == (512, 512)
     session = _session(volume, segmentation, segment_id, engine)
-    ras, _ = _prompt_ras(volume, values)
+    ras, _ = sf.prompt_ras(volume, values)
     session.submit_point(ras, slice_normal=AXIAL)
     job = session.submit_propagate("both", slice_normal=AXIAL)
     ticks = run_main_loop(session.poll, lambda: job.done, timeout=300)
@@ -154,9 +134,9 @@ def test_512_pixel_slices_keep_every_poll_short(engine, ct_volume):
 
 
 def test_cancel_stops_the_child_within_a_slice_keeps_finished_slices_and_undo_works(engine, ct_volume):
-    scene, volume, segmentation, segment_id, values = _ct_scene(ct_volume)
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume)
     session = _session(volume, segmentation, segment_id, engine)
-    ras, k = _prompt_ras(volume, values)
+    ras, k = sf.prompt_ras(volume, values)
     session.add_point(ras, slice_normal=AXIAL)
     before = sf.segment_array(scene, segmentation, segment_id, volume)
     job = session.submit_propagate("both", slice_normal=AXIAL)
@@ -186,9 +166,9 @@ def test_cancel_stops_the_child_within_a_slice_keeps_finished_slices_and_undo_wo
 def test_a_killed_child_is_restarted_by_the_next_action_with_the_users_prompts(random_checkpoint, ct_volume):
     engine = _engine(random_checkpoint)
     try:
-        scene, volume, segmentation, segment_id, values = _ct_scene(ct_volume)
+        scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume)
         session = _session(volume, segmentation, segment_id, engine)
-        ras, k = _prompt_ras(volume, values)
+        ras, k = sf.prompt_ras(volume, values)
         session.add_point(ras, slice_normal=AXIAL)
         session.propagate("both", slice_range=(k - 2, k + 2), slice_normal=AXIAL)
         kept = sf.segment_array(scene, segmentation, segment_id, volume)

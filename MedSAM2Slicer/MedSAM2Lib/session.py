@@ -68,6 +68,9 @@ class SegmentationSession:
         if axes not in ("one", "all"):
             raise InputError(f"Axes must be 'one' or 'all'; got {axes!r}.")
         self.volume_node, self.segmentation_node, self.segment_id = volumeNode, segmentationNode, segmentId
+        if segmentationNode.GetDisplayNode() is None:
+            # e.g. made by a node selector's "Create new": without a display node results are invisible
+            segmentationNode.CreateDefaultDisplayNodes()
         self.engine = as_engine(engine)
         self.memory, self.axes, self.image_set = memory, axes, bool(image_set)
         self.geometry = VolumeGeometry(volumeNode)

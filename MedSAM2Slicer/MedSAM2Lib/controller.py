@@ -1,0 +1,303 @@
+"""The module's logic, without Qt: what a shell's widgets and shortcuts call, and its timer's poll().
+
+Shared by the Qt module (MedSAM2.py) and the web front end (MedSAM2Web): a shell keeps widgets,
+shortcuts and wiring; everything it does to the scene or the engine goes through here. One engine
+(a child process, or a remote server) for the current settings, started on first use; one
+SegmentationSession per (volume, segmentation, segment) and options; jobs queue per session and
+run in order; `poll()` (the shell's ~40 ms timer) applies their results within a time budget.
+Errors and notices reach the shell through callbacks, never as dialogs from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import vtk
+
+from medsam2.errors import InputError
+from medsam2.options import AXES, MEMORY_MODES
+
+from .jobs import PromptJob
+from .markers import Marker, PromptMarkers
+from .models import ModelSettings
+from .prompt_nodes import PromptNodes
+from .session import POLL_BUDGET_S, SegmentationSession
+
+log = logging.getLogger("MedSAM2")
+DIRECTIONS = ("both", "up", "down")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    memory: str = "self-sorting"
+    window: tuple | None = None   # (low, high); None: the volume's display window/level
+    axes: str = "one"
+    image_set: bool = False
+
+    def check(self) -> None:
+        if self.memory not in MEMORY_MODES:
+            raise InputError(f"Memory must be one of {', '.join(MEMORY_MODES)}; got {self.memory!r}.")
+        if self.axes not in AXES:
+            raise InputError(f"Axes must be one of {', '.join(AXES)}; got {self.axes!r}.")
+        if self.window is not None and not float(self.window[0]) < float(self.window[1]):
+            raise InputError(f"The intensity window {self.window[0]} .. {self.window[1]} is empty: make the upper "
+                             "value larger than the lower one, or use the volume's display window.")
+
+
+@dataclass(frozen=True)
+class Progress:
+    text: str
+    value: int = 0
+    maximum: int = 0  # 0: busy, no known end
+
+
+class ModuleController:
+    """on_error(exc), on_message(text), on_changed(): the shell's ways to show what happened."""
+
+    def __init__(self, scene, on_error: Callable | None = None, on_message: Callable | None = None,
+                 on_changed: Callable | None = None):
+        self.scene = scene
+        self.on_error = on_error or (lambda exc: log.error("MedSAM2: %s", exc))
+        self.on_message = on_message or (lambda text: log.info("MedSAM2: %s", text))
+        self.on_changed = on_changed or (lambda: None)
+        self.settings = ModelSettings()
+        self.options = SessionOptions()
+        self.markers = PromptMarkers()
+        self.prompt_nodes = PromptNodes(scene)
+        self._engine = None
+        self._sessions: dict = {}  # (volume id, segmentation id, segment id) -> (options, session)
+        self._markers_of_jobs: dict = {}  # job -> Marker, until the job commits or fails
+        self._target = (None, None, "")
+        self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
+        self._observers.append(scene.AddObserver(scene.NodeAboutToBeRemovedEvent, self._on_node_removed))
+
+    # --- configuration ------------------------------------------------------------------------
+    def set_settings(self, settings: ModelSettings) -> bool:
+        """Use these model/server settings. Only a real change closes the sessions and stops the
+        engine (a shell may call this on every focus-out of a settings field). Returns changed."""
+        if settings == self.settings:
+            return False
+        settings.check()
+        self.close_sessions()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self.settings = settings
+        return True
+
+    def set_options(self, **changes) -> None:
+        """memory, window, axes, image_set for sessions started from now on (a session with other
+        options is closed when next used)."""
+        options = replace(self.options, **changes)
+        options.check()
+        self.options = options
+
+    def select(self, volume_node, segmentation_node, segment_id: str) -> None:
+        self._target = (volume_node, segmentation_node, segment_id or "")
+
+    @property
+    def engine(self):
+        """The engine for the current settings (its child process starts on first use)."""
+        if self._engine is None:
+            self._engine = self.settings.create_engine()
+        return self._engine
+
+    def use_engine(self, engine) -> None:
+        """Use an engine made elsewhere (a test's, or a model loaded in the Python console)."""
+        self.close_sessions()
+        if self._engine is not None and self._engine is not engine:
+            self._engine.close()
+        self._engine = engine
+
+    def start_engine(self) -> None:
+        """Start the engine now (e.g. 'Download model'), rather than at the first prompt."""
+        self.engine.start() if hasattr(self.engine, "start") else None
+
+    # --- sessions -----------------------------------------------------------------------------
+    def session(self, create: bool = True) -> SegmentationSession | None:
+        """The session of the selected segment (created with the current options if needed)."""
+        volume, segmentation, segment_id = self._target
+        if volume is None or segmentation is None or not segment_id:
+            if create:
+                raise InputError("Select a volume, a segmentation and a segment first.")
+            return None
+        key = (volume.GetID(), segmentation.GetID(), segment_id)
+        entry = self._sessions.get(key)
+        if entry is not None and entry[0] == self.options:
+            return entry[1]
+        if not create:
+            return None
+        if entry is not None:
+            self._close_session(key)
+        o = self.options
+        session = SegmentationSession(volume, segmentation, segment_id, self.engine, memory=o.memory,
+                                      window=o.window, axes=o.axes, image_set=o.image_set)
+        self._sessions[key] = (o, session)
+        return session
+
+    def sessions(self) -> list:
+        return [s for _, s in self._sessions.values()]
+
+    def _close_session(self, key, wait=True) -> None:
+        _, session = self._sessions.pop(key)
+        for job, marker in list(self._markers_of_jobs.items()):
+            if job.session is session:
+                marker.remove()
+                del self._markers_of_jobs[job]
+        self.markers.forget_session(session)  # its prompts leave the engine: their markers go too
+        session.close(wait=wait)
+
+    def close_sessions(self) -> None:
+        """Cancel every job (waiting for a running one, so nothing is written afterwards) and free
+        the engine sessions. The engine keeps running: the model stays loaded."""
+        for key in list(self._sessions):
+            self._close_session(key)
+        self.on_changed()
+
+    def shutdown(self) -> None:
+        """Module cleanup or application exit: sessions closed, the engine's child stopped."""
+        self.close_sessions()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
+
+    def _on_scene_closing(self, caller=None, event=None) -> None:
+        self.close_sessions()
+        self._target = (None, None, "")
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def _on_node_removed(self, scene, event, node) -> None:
+        """A session's volume or segmentation leaves the scene: stop writing into it."""
+        node_id = node.GetID() if node is not None else None
+        for key in [k for k in self._sessions if node_id in k[:2]]:
+            self._close_session(key)
+
+    # --- actions (each returns the job, or None when refused; errors go to on_error) ----------
+    def _submit(self, make_job, marker=None):
+        try:
+            job = make_job(self.session())
+        except Exception as exc:  # input errors (oblique view, no segment...) and engine refusals
+            if marker is not None:
+                marker.remove()
+            self.on_error(exc)
+            return None
+        if marker is not None:
+            self._markers_of_jobs[job] = marker
+        self.on_changed()
+        return job
+
+    def place_point(self, ras, slice_normal, include: bool = True, marker: Marker | None = None):
+        return self._submit(lambda s: s.submit_point(ras, include, slice_normal), marker)
+
+    def place_box(self, ras_a, ras_b, slice_normal, show: bool = True):
+        marker = Marker(self.prompt_nodes.box(ras_a, ras_b, slice_normal)) if show else None
+        return self._submit(lambda s: s.submit_box(ras_a, ras_b, slice_normal), marker)
+
+    def use_edited_slice(self, ras, slice_normal):
+        return self._submit(lambda s: s.submit_edited_slice(s.point_on_slice(ras, slice_normal), slice_normal))
+
+    def propagate(self, direction: str = "both", slice_range=None, slice_normal=None):
+        if direction not in DIRECTIONS + ("forward", "backward"):
+            self.on_error(InputError(f"Direction must be one of {', '.join(DIRECTIONS)}; got {direction!r}."))
+            return None
+        return self._submit(lambda s: s.submit_propagate(direction, slice_range=slice_range, slice_normal=slice_normal))
+
+    def refine(self, ras, slice_normal, slice_range=None):
+        """Re-propagate outward from the slice through `ras` (after correcting it)."""
+        return self._submit(lambda s: s.submit_propagate(
+            "both", start=s.frame_index(ras, slice_normal), slice_range=slice_range, slice_normal=slice_normal))
+
+    def undo(self):
+        return self._undo_redo("undo")
+
+    def redo(self):
+        return self._undo_redo("redo")
+
+    def _undo_redo(self, which):
+        session = self.session(create=False)
+        if session is None:
+            return None
+        try:
+            action = session.undo() if which == "undo" else session.redo()
+        except InputError as exc:  # still busy
+            self.on_message(str(exc))
+            return None
+        if action is not None:
+            (self.markers.undone if which == "undo" else self.markers.redone)(session, action)
+        self.on_changed()
+        return action
+
+    def cancel(self) -> None:
+        """Cancel every queued and running job (finished slices of a propagation stay)."""
+        for session in self.sessions():
+            for job in [session.current_job, *session._queue]:
+                if job is not None:
+                    job.cancel()
+        self.on_changed()
+
+    # --- state for the shell ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return any(s.busy for s in self.sessions())
+
+    @property
+    def can_undo(self) -> bool:
+        s = self.session(create=False)
+        return bool(s and s.can_undo and not s.busy)
+
+    @property
+    def can_redo(self) -> bool:
+        s = self.session(create=False)
+        return bool(s and s.can_redo and not s.busy)
+
+    @property
+    def progress(self) -> Progress | None:
+        engine = self._engine
+        job = next((s.current_job for s in self.sessions() if s.current_job is not None), None)
+        if engine is not None and getattr(engine, "state", "ready") == "starting":
+            if engine.download and engine.download[1]:
+                done, total = engine.download
+                return Progress(f"Downloading the model: {done / 2**20:.0f} of {total / 2**20:.0f} MB",
+                                done // 2**20, max(total // 2**20, 1))
+            return Progress(engine.status or "Starting the MedSAM2 engine")
+        if job is None:
+            return None
+        if isinstance(job, PromptJob):
+            return Progress(f"Segmenting slice {job.frame}...")
+        done, total = job.progress
+        what = "three axes, then fusing" if job.steps_total != job.total else "slices"
+        return Progress(f"Propagating... {done} of {total} ({what})", done, max(total, 1))
+
+    # --- the timer tick -----------------------------------------------------------------------
+    def poll(self, budget_s: float = POLL_BUDGET_S) -> None:
+        """Apply what the engine has finished, within about `budget_s`; never waits."""
+        deadline = time.monotonic() + budget_s
+        if self._engine is not None and not self.busy:
+            self._engine.poll(0.005)  # start-up messages (download progress) arrive without jobs
+        changed = False
+        for session in self.sessions():
+            if not session.busy:
+                continue
+            for job in session.poll(max(0.005, deadline - time.monotonic())):
+                self._finished(session, job)
+            while session.notices:
+                self.on_message(session.notices.pop(0))
+            changed = True
+        if changed:
+            self.on_changed()
+
+    def _finished(self, session, job) -> None:
+        marker = self._markers_of_jobs.pop(job, None)
+        if job.action is not None and marker is not None and job.action.prompt is not None:
+            self.markers.attach(session, job.action, marker)
+        elif marker is not None:
+            marker.remove()  # refused or cancelled: its marker would show a prompt the engine lacks
+        self.markers.prune(session)  # a new action ends the redo history: those markers go
+        if job.error is not None:
+            self.on_error(job.error)

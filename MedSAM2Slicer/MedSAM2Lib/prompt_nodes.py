@@ -1,0 +1,106 @@
+"""The markups nodes that show prompts in the views, and the place mode the prompt tools use.
+
+Both are scene state, so they live here (no Qt): a shell turns a tool on and off; these make sure
+the nodes are never saved with the scene (their display nodes neither) and that the user's own
+place-mode settings come back when a tool is turned off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INCLUDE_COLOR = (0.2, 0.9, 0.2)  # a selected control point: include
+EXCLUDE_COLOR = (0.95, 0.2, 0.2)
+
+
+def _not_saved(node) -> None:
+    """Temporary display-only nodes: neither they nor their display nodes go into a saved scene."""
+    node.SetSaveWithScene(False)
+    for i in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            display.SetSaveWithScene(False)
+
+
+class PromptNodes:
+    """The "MedSAM2 points" markups node (include points selected/green, exclude red) and box ROIs."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self._nodes: dict = {}
+
+    def node(self, kind: str = "points"):
+        """The markups node that shows prompts of this kind ('points' or 'box' corners)."""
+        node = self._nodes.get(kind)
+        if node is not None and node.GetScene() is self.scene:
+            return node
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"MedSAM2 {kind}")
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*INCLUDE_COLOR)
+        display.SetColor(*EXCLUDE_COLOR)
+        display.SetPointLabelsVisibility(False)
+        display.SetGlyphScale(2.0)
+        _not_saved(node)
+        self._nodes[kind] = node
+        return node
+
+    def nodes(self) -> list:
+        return [n for n in self._nodes.values() if n.GetScene() is self.scene]
+
+    def box(self, ras_a, ras_b, normal):
+        """An ROI outlining a box prompt (display only), flat on the slice of the first corner."""
+        a, b, n = np.asarray(ras_a, float), np.asarray(ras_b, float), np.asarray(normal, float)
+        n = n / np.linalg.norm(n)
+        b = b - np.dot(b - a, n) * n
+        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSAM2 box")
+        roi.CreateDefaultDisplayNodes()
+        _not_saved(roi)
+        roi.SetXYZ(*((a + b) / 2))
+        roi.SetRadiusXYZ(*np.maximum(np.abs(b - a) / 2, 0.5))
+        roi.SetLocked(True)
+        return roi
+
+
+class PlacementState:
+    """Place mode on our node while a prompt tool is on; the user's own settings put back after.
+
+    Turning a tool on makes every click place a point in "MedSAM2 points" (persistent place mode,
+    our node active). Without restoring, later clicks of the Markups toolbar would keep landing in
+    MedSAM2's node and place mode would stay persistent.
+    """
+
+    def __init__(self, interaction_node, selection_node):
+        self.interaction, self.selection = interaction_node, selection_node
+        self._saved = None
+
+    @property
+    def active(self) -> bool:
+        return self._saved is not None
+
+    def begin(self, node) -> None:
+        if self._saved is None:
+            self._saved = (self.interaction.GetPlaceModePersistence(), self.selection.GetActivePlaceNodeID(),
+                           self.selection.GetActivePlaceNodeClassName())
+        self.selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+        self.selection.SetActivePlaceNodeID(node.GetID())
+        self.interaction.SetPlaceModePersistence(1)
+        self.interaction.SetCurrentInteractionMode(self.interaction.Place)
+
+    def end(self) -> None:
+        """Leave place mode (if still in it) and restore what begin() found."""
+        if self._saved is None:
+            return
+        persistence, node_id, class_name = self._saved
+        self._saved = None
+        if self.interaction.GetCurrentInteractionMode() == self.interaction.Place:
+            self.interaction.SetCurrentInteractionMode(self.interaction.ViewTransform)
+        self.interaction.SetPlaceModePersistence(persistence)
+        if class_name:
+            self.selection.SetReferenceActivePlaceNodeClassName(class_name)
+        self.selection.SetActivePlaceNodeID(node_id)
+
+    def ours(self, nodes) -> bool:
+        """Whether place mode is on and places into one of `nodes`."""
+        placing = self.interaction.GetCurrentInteractionMode() == self.interaction.Place
+        return placing and self.selection.GetActivePlaceNodeID() in {n.GetID() for n in nodes}
