@@ -251,3 +251,13 @@ def test_leaving_the_prompt_tools_restores_the_users_place_mode():
     placement.end()
     assert selection.GetActivePlaceNodeID() == users.GetID() and interaction.GetPlaceModePersistence() == 0
     assert interaction.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.ViewTransform
+
+
+def test_the_modules_self_test_scenario_passes_on_slicer_core(ct_volume):
+    """MedSAM2Test runs MedSAM2Lib.selftest inside Slicer; here the same scenario on slicer-core."""
+    from MedSAM2Lib.selftest import run_self_test
+
+    scene, volume, _, _, _ = sf.ct_scene(ct_volume, count=8)
+    said = []
+    run_self_test(scene, volume, say=said.append, timeout=300)
+    assert said[-1] == "Undo of every action: OK"

@@ -454,44 +454,6 @@ def test_submitting_returns_at_once_and_poll_writes_the_slice(recorder):
 
 # --- the non-Qt helpers the module shell stands on --------------------------------------------
 
-def test_install_plan_pins_versions_and_installs_sam2_without_touching_torch():
-    from MedSAM2Lib import install
-
-    present = {"torch": "2.5.1+cu121", "numpy": "1.26.4", "pillow": "10.0.0", "setuptools": "70.0",
-               "platformdirs": "4.0", "httpx": "0.28.0", "zstandard": "0.23.0", "fastapi": "0.115.0",
-               "uvicorn": "0.34.0"}
-    missing = install.missing("local", version_of=present.get)
-    assert [r.distribution for r in missing] == ["tqdm", "hydra-core", "iopath", "wheel", "sam2"]
-    assert install.pip_arguments(missing[-1]) == "--no-build-isolation --no-deps sam2==1.1.0"
-    assert missing[-1].env == {"SAM2_BUILD_CUDA": "0"}
-    assert install.torch_missing("local", version_of=present.get) is None
-    old_torch = dict(present, torch="2.1.0")
-    assert "2.5.1 or newer" in install.torch_missing("local", version_of=old_torch.get)
-    assert "PyTorch extension" in install.describe_plan("local", version_of=old_torch.get)[0]
-    # a remote server needs neither torch nor sam2
-    assert install.torch_missing("remote", version_of={}.get) is None
-    assert [r.distribution for r in install.missing("remote", version_of={}.get)] == \
-        ["numpy", "platformdirs", "httpx", "zstandard"]
-    # the wrong sam2 release is replaced; build tools only come along when something is built
-    assert "sam2" in [r.distribution for r in install.missing("local", version_of=dict(present, sam2="1.0").get)]
-    no_sam2_needed = dict(present, sam2="1.1.0", tqdm="4.67.1", **{"hydra-core": "1.3.2"}, iopath="0.1.10")
-    assert install.missing("local", version_of=no_sam2_needed.get) == []
-    # pip runs in order with the package's environment, restored afterwards
-    calls = []
-    install.install(missing, lambda args: calls.append((args, dict(os.environ).get("SAM2_BUILD_CUDA"))))
-    assert [c[0] for c in calls] == [install.pip_arguments(r) for r in missing]
-    assert calls[-1][1] == "0" and "SAM2_BUILD_CUDA" not in os.environ
-
-    def broken(args):
-        raise OSError("no network")
-
-    with pytest.raises(RuntimeError, match="Installing tqdm==4.67.1 failed: no network.*pip_install"):
-        install.install(missing, broken)
-    # this environment (the one the tests run in) has everything the engine needs
-    assert install.missing("local") == [] and install.torch_missing("local") is None
-    assert install.importable("local") is None
-
-
 def test_settings_choose_a_local_or_remote_engine_and_check_the_device():
     from MedSAM2Lib import LocalEngine, ModelSettings, RemoteEngine
 

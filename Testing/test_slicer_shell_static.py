@@ -27,7 +27,7 @@ QT5 = {
     "QLabel", "QPushButton", "QToolButton", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox",
     "QProgressBar", "QGridLayout", "QVBoxLayout", "QHBoxLayout", "QFormLayout", "QMessageBox",
 }
-QT5_MEMBERS = {"QFileDialog.getOpenFileName", "QLineEdit.Password", "Qt.ToolTipRole"}
+QT5_MEMBERS = {"QFileDialog.getOpenFileName", "QLineEdit.Password", "Qt.ToolTipRole", "QTimer.singleShot"}
 # CTK widgets in the .ui: ctkCollapsibleButton (CTK Libs/Widgets/ctkCollapsibleButton.h; also used
 # by Slicer's Utilities/Templates/Modules/Scripted/Resources/UI/TemplateKey.ui).
 CTK = {"ctkCollapsibleButton"}
@@ -41,6 +41,8 @@ SLICER_PY_MODULES = {
     "ScriptedLoadableModule": {"ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
                                "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"},
     "parameterNodeWrapper": {"parameterNodeWrapper", "Choice", "WithinRange"},  # __init__ re-exports
+    # Base/Python/slicer/i18n.py: tr (aliased `_` as in Slicer's module template) and translate
+    "i18n": {"tr", "translate"},
 }
 # Other Slicer names the module reaches: slicer.app, slicer.mrmlScene, slicer.util (application
 # globals set up by Base/Python/slicer/__init__.py).
@@ -112,6 +114,8 @@ def test_slicer_util_names_exist_in_slicers_util_py(tree):
         if isinstance(f.value, ast.Attribute) and f.value.attr == "util" and isinstance(f.value.value, ast.Name) \
                 and f.value.value.id == "slicer":
             fn = defined[f.attr]
+            if isinstance(fn, ast.ClassDef):  # a class (e.g. WaitCursor): its __init__'s parameters
+                fn = next(n for n in fn.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
             params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
             if fn.args.kwarg is None:
                 bad = {k.arg for k in call.keywords if k.arg} - params
@@ -152,11 +156,17 @@ def test_mrml_methods_called_exist_on_the_classes_used(tree):
     import vtk
 
     classes = [getattr(slicer, n, None) or getattr(vtk, n) for n in MRML_CLASSES]
-    # calls on qt (checked below) and on the PyTorchUtils / SampleData modules (verified above) aside
-    other_modules = {"qt", "PyTorchUtils", "SampleData"}
+    # calls on qt (checked below), on slicer.util (checked above), on the PyTorchUtils / SampleData
+    # modules (verified above) and on the standard library's unittest aside
+    other_modules = {"qt", "PyTorchUtils", "SampleData", "unittest"}
+
+    def on_util(func):
+        return isinstance(func.value, ast.Attribute) and func.value.attr == "util"
+
     called = {n.func.attr for n in ast.walk(tree)
               if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr[:1].isupper()
-              and not (isinstance(n.func.value, ast.Name) and n.func.value.id in other_modules)}
+              and not (isinstance(n.func.value, ast.Name) and n.func.value.id in other_modules)
+              and not on_util(n.func)}
     missing = {m for m in called if not any(hasattr(c, m) for c in classes)}
     assert called and not missing, f"methods not found on MRML classes: {missing}"
     lower_calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}

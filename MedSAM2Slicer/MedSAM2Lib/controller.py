@@ -241,6 +241,31 @@ class ModuleController:
                     job.cancel()
         self.on_changed()
 
+    def slice_range_around(self, ras, slice_normal, half_width: int = 10):
+        """(first, last) slices around the one through `ras`, within the volume; None without a session."""
+        session = self.session(create=False)
+        if session is None:
+            return None
+        try:
+            frame = session.frame_index(ras, slice_normal)
+            n = session.layout(slice_normal).num_frames
+        except InputError as exc:
+            self.on_error(exc)
+            return None
+        return max(0, frame - half_width), min(n - 1, frame + half_width)
+
+    @staticmethod
+    def model_choices() -> list:
+        """(label, registry name, note) for a model list; empty when the registry cannot load."""
+        try:
+            import medsam2
+
+            specs = medsam2.list_models()
+        except Exception as exc:  # the custom-checkpoint path still works without it
+            log.warning("MedSAM2: model registry unavailable: %s", exc)
+            return []
+        return [(f"{s['name']}  ({s['image_size']} px)", s["name"], s.get("note") or "") for s in specs]
+
     # --- state for the shell ------------------------------------------------------------------
     @property
     def busy(self) -> bool:

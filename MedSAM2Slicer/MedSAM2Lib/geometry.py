@@ -273,3 +273,15 @@ def grids_match(matrix_a, matrix_b, spacing):
     """True when two IJK-to-RAS matrices describe the same voxel grid (within a tiny tolerance)."""
     tol = GRID_TOLERANCE * float(np.min(spacing))
     return bool(np.all(np.abs(matrix_a[:3, :4] - matrix_b[:3, :4]) <= max(tol, 1e-9)))
+
+
+def slice_view_normal(slice_node) -> tuple:
+    """The slice view's normal in RAS (column 2 of its SliceToRAS): which volume axis it looks along."""
+    m = slice_node.GetSliceToRAS()
+    return (m.GetElement(0, 2), m.GetElement(1, 2), m.GetElement(2, 2))
+
+
+def slice_view_center(slice_node) -> tuple:
+    """The RAS point at the slice view's centre (on the slice it shows)."""
+    m = slice_node.GetSliceToRAS()
+    return (m.GetElement(0, 3), m.GetElement(1, 3), m.GetElement(2, 3))

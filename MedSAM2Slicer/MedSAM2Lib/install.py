@@ -8,11 +8,14 @@ the versions the engine was tested with.
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 TORCH_MINIMUM = "2.5.1"  # sam2 1.1.0 requires torch>=2.5.1
+PYTHON_MINIMUM = (3, 10)  # sam2 1.1.0 requires Python >= 3.10: Slicer 5.10 or later
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,28 @@ def importable(mode="local"):
         except Exception as exc:  # a half-loaded binary module raises more than ImportError
             return f"{name}: {exc}"
     return None
+
+
+def python_problem(version_info=None):
+    """None if this Python can run the engine; else what to do (Slicer 5.8 has Python 3.9)."""
+    v = tuple(version_info or sys.version_info)[:2]
+    if v >= PYTHON_MINIMUM:
+        return None
+    return (f"MedSAM2 needs Slicer 5.10 or later: its Python is {v[0]}.{v[1]}, and sam2 needs Python "
+            f"{PYTHON_MINIMUM[0]}.{PYTHON_MINIMUM[1]} or newer. Install a current Slicer from download.slicer.org.")
+
+
+def pip_shows_errors(pip_install) -> bool:
+    """Whether this Slicer's pip_install reports a failure in its own dialog (Slicer >= 5.11:
+    slicer.packaging, with `requester` and `show_progress`), so the module must not show a second."""
+    try:
+        params = inspect.signature(pip_install).parameters
+    except (TypeError, ValueError):
+        return False
+    if "show_progress" in params or "requester" in params:
+        return True
+    try:  # slicer.util.pip_install(requirements, **kwargs) forwards to slicer.packaging.pip_install
+        import slicer.packaging  # noqa: F401
+    except ImportError:
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in params.values())
