@@ -114,6 +114,17 @@ class SliceView:
         self.renderer = vtk.vtkRenderer()
         self.renderer.GetActiveCamera().ParallelProjectionOn()
         self.window.AddRenderer(self.renderer)
+        # the slice logic's blended layers (background volume...), added before the managers' actors
+        # as Slicer's light box renderer manager does: added after them, it is drawn over the
+        # segment fill's half-transparent pixels and the fill looks opaque
+        self._image_mapper = vtk.vtkImageMapper()
+        self._image_mapper.SetColorWindow(255)  # the layers are already mapped to 0..255 RGBA
+        self._image_mapper.SetColorLevel(127.5)
+        self._image_actor = vtk.vtkActor2D()
+        self._image_actor.SetMapper(self._image_mapper)
+        self._image_actor.GetProperty().SetDisplayLocationToBackground()
+        self._image_actor.SetVisibility(False)
+        self.renderer.AddViewProp(self._image_actor)
         # the displayable managers need an interactor before they get their view node (else they crash)
         self.interactor = vtk.vtkRenderWindowInteractor()
         self.interactor.SetRenderWindow(self.window)
@@ -123,19 +134,15 @@ class SliceView:
         self.logic.SetMRMLApplicationLogic(app)
         self.logic.SetMRMLScene(scene)
         app.GetSliceLogics().AddItem(self.logic)
-        self.node = self.logic.AddSliceNode(name)
+        # a view named like an existing one shows that slice node (AddSliceNode would reset it)
+        self.node = scene.GetSingletonNode(name, "vtkMRMLSliceNode")
+        if self.node is not None:
+            self.logic.SetSliceNode(self.node)
+        else:
+            self.node = self.logic.AddSliceNode(name)
         self.node.SetOrientation(orientation)
         self.managers.SetMRMLDisplayableNode(self.node)
         self.logic.ResizeSliceNode(*self.size)
-
-        # the slice logic's blended layers (background volume...) behind the managers' actors
-        self._image_mapper = vtk.vtkImageMapper()
-        self._image_mapper.SetColorWindow(255)  # the layers are already mapped to 0..255 RGBA
-        self._image_mapper.SetColorLevel(127.5)
-        self._image_actor = vtk.vtkActor2D()
-        self._image_actor.SetMapper(self._image_mapper)
-        self._image_actor.GetProperty().SetDisplayLocationToBackground()
-        self.renderer.AddViewProp(self._image_actor)
 
     # --- what is shown ----------------------------------------------------------------------
     def set_background(self, volume_node, fit: bool = True) -> None:

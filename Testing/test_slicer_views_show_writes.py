@@ -113,8 +113,10 @@ def test_a_write_in_place_shows_on_the_watched_slice_where_its_voxels_are(chest,
     layers = segmentation.GetSegmentation().GetNumberOfLayers()
     assert _write_axial(chest, SLICE, lung)
 
-    shown = sv.overlay_mask(view.capture(), GREEN)
+    image = view.capture()
+    shown = sv.overlay_mask(image, GREEN)
     expected = _assert_overlay_on_voxels(view, chest, shown)
+    assert np.ptp(image[shown][:, 0]) > 30, "the CT shows through the half-transparent fill, as in Slicer"
     assert np.nonzero(shown)[1].mean() < view.size[0] / 2 - 20, "the right lung is drawn on the left of the view"
     assert expected.sum() == 4 * lung[SLICE].sum()  # 2 x 2 pixels a voxel in this view
     assert segmentation.GetSegmentation().GetNumberOfLayers() == layers, "written in place"
