@@ -1,12 +1,18 @@
 """A Slicer slice view rendered offscreen by Slicer's own pipeline: what a user sees, as pixels.
 
-    view = SliceView(scene)                    # the Red (axial) view, 256 x 256 pixels
-    view.set_background(volume_node)           # the volume in the background layer, fitted
+    volume = slicer_fixtures.load_volume_file(scene, path)   # read and displayed as Slicer does
+    view = SliceView(scene)                    # the Red (axial) view, 256 x 256 pixels; in tests the
+                                               # conftest fixture slice_view(scene, "Red", "Axial") closes it
+    view.set_background(volume)                # the volume in the background layer, fitted
     view.jump_to(ras)                          # scroll to the slice through a RAS point
     image = view.capture()                     # (rows, cols, 3) uint8, row 0 at the top
     shown = overlay_mask(image, segment_rgb)   # pixels tinted by the segment's colour
-    voxels = voxel_mask_on_view(view, volume_node, kji_bool)  # where those voxels project
-    view.close()
+    voxels = voxel_mask_on_view(view, volume, kji_bool)  # where those voxels project
+    stray = disagreement_off_edges(shown, voxels)        # differences away from the outline
+    view.ras_to_pixel(ras), view.pixel_ras(), view.save_png(path), view.close()
+
+Other displayable managers (e.g. vtkMRMLMarkupsDisplayableManager) are named in
+SliceView(displayable_managers=...); their registration with the factory is process-wide.
 
 The pieces are those of Slicer's slice viewer, from the slicer-core wheel: the scene's
 vtkSlicerApplicationLogic, a vtkMRMLSliceLogic for the view, the displayable managers of
