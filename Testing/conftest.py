@@ -61,3 +61,20 @@ def ct_volume(ct_path):
 def ct_slab(ct_volume):
     """Ten consecutive chest CT slices: enough to propagate, fast on 2 cores."""
     return np.ascontiguousarray(ct_volume[12:22])
+
+
+@pytest.fixture()
+def slice_view():
+    """Factory of Slicer slice views rendered offscreen (Testing/slice_view.py), closed after the test:
+    slice_view(scene, "Red", "Axial", size=(256, 256)) -> SliceView."""
+    from slice_view import SliceView
+
+    views = []
+
+    def make(scene, name="Red", orientation="Axial", **kw):
+        views.append(SliceView(scene, name, orientation, **kw))
+        return views[-1]
+
+    yield make
+    for view in reversed(views):
+        view.close()

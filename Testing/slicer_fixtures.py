@@ -202,3 +202,61 @@ def prompt_ras(volume, values):
     """A point on the middle slice, a third of the way along its rows (in the chest CT: lung)."""
     k, j, i = values.shape[0] // 2, values.shape[1] // 2, values.shape[2] // 3
     return ijk_to_ras(volume, (i, j, k) + np.zeros(3)), k
+
+
+# --- an application around the scene, and files read by Slicer's own readers ----------------------
+
+def application_logic(scene):
+    """The scene's vtkSlicerApplicationLogic, made once the way Slicer's startup makes it: default
+    colour tables and the Colors module logic (volumes get the Grey table), the Segmentations logic
+    of new_scene, an empty slice logic collection (a bare application logic has none) and the slice
+    orientation presets (needed before any slice node is added)."""
+    import slicer
+    import vtk
+
+    app = getattr(scene, "_medsam2_app_logic", None)
+    if app is not None:
+        return app
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = app.GetColorLogic()
+    colors.SetMRMLScene(scene)
+    colors.AddDefaultColorNodes()
+    app.SetModuleLogic("Colors", colors)
+    segmentations = getattr(scene, "_medsam2_keep", None)
+    if segmentations is not None:
+        segmentations.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic("Segmentations", segmentations)
+    app.SetSliceLogics(vtk.vtkCollection())
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    scene._medsam2_app_logic = app
+    return app
+
+
+def load_volume_file(scene, path, name=None):
+    """A scalar volume read by Slicer's volumes logic, with the display (Grey, auto window/level)
+    Slicer gives a loaded volume."""
+    from pathlib import Path
+
+    import slicer
+
+    app = application_logic(scene)
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetMRMLApplicationLogic(app)
+    node = logic.AddArchetypeVolume(str(path), name or Path(path).name.split(".")[0])
+    assert node is not None, f"Slicer could not read {path}"
+    return node
+
+
+def load_segmentation_file(scene, path, name=None):
+    """A segmentation (.seg.nrrd) read by Slicer's segmentation storage node, with display nodes."""
+    from pathlib import Path
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or Path(path).name.split(".")[0])
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    node.CreateDefaultDisplayNodes()
+    return node

@@ -7,7 +7,12 @@ set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-ldconfig -p 2>/dev/null | grep -q "libEGL_mesa.so.0" || need+=(libegl-mesa0 libegl1)
+# VTK's EGL window loads libEGL.so.1 (glvnd), which loads Mesa's vendor library and its software
+# renderer (llvmpipe in swrast_dri.so): Testing/slice_view.py renders slice views with them
+LDCONFIG=$(command -v ldconfig || echo /sbin/ldconfig)  # not on a user's PATH on Debian
+libs=$("$LDCONFIG" -p 2>/dev/null || true)
+grep -q "libEGL\.so\.1 " <<<"$libs" || need+=(libegl1)
+grep -q "libEGL_mesa\.so\.0 " <<<"$libs" || need+=(libegl-mesa0)
 compgen -G "/usr/lib/*/dri/swrast_dri.so" >/dev/null || need+=(libgl1-mesa-dri)
 [ ${#need[@]} = 0 ] && exit 0
 echo "Installing Debian packages for the tests: ${need[*]}"

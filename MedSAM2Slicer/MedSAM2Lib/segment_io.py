@@ -2,7 +2,8 @@
 
 Only frames whose content changed are written, each run of consecutive frames as one extent.
 Usually the run is set straight in the segment's labelmap array (the labelmap is first grown
-once to the volume's grid) and the labelmap's Modified() tells the segmentation, as Slicer's
+once to the volume's grid), then Modified() on the labelmap (the segmentation re-derives the 3D
+surface) and on the segment (only this redraws the slice views), as Slicer's
 util.arrayFromSegmentInternalBinaryLabelmap documents: the cost is that of the slab, not of the
 segment. Where that would overwrite another segment sharing the labelmap layer, the run goes
 through vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment instead, the way Segment
@@ -159,8 +160,10 @@ class SegmentFrames:
                 self._write_with_slicer_logic(ext, kji)
             self.write_log.append(tuple(ext))
         if in_place:
-            # the segmentation observes its labelmaps: this refreshes views and derived representations
+            # the segmentation observes its labelmaps: this refreshes derived representations (3D);
+            # the slice views redraw on the segment's event only (without it they show stale slices)
             self._labelmap().Modified()
+            self.segment().Modified()
         return changed
 
     def _write_in_place(self, ext, kji):
