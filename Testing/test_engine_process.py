@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import slicer_fixtures as sf
-from engine_loop import run_main_loop, slowest_tick, thread_slowdown_under_loop
+from MedSAM2Lib.slicer_loop import run_main_loop, slowest_tick, thread_slowdown_under_loop
 
 warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
 

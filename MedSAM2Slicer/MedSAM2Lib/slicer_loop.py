@@ -4,12 +4,14 @@ Slicer initialises PythonQt without GIL release, so its main thread keeps Python
 Qt event loop waits; a Python thread elsewhere in the process runs only while the main thread
 happens to run Python (e.g. a 40 ms QTimer tick). A call through `ctypes.PyDLL` keeps the GIL
 (unlike `ctypes.CDLL`), so `usleep` through it is exactly such an idle wait.
+
+For the tests and `python -m MedSAM2Lib.bench` (POSIX); the module itself never imports it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import resource
+import resource  # POSIX: tests and benchmarks run on Linux/macOS
 import threading
 import time
 from typing import NamedTuple
