@@ -289,3 +289,41 @@ def test_packaging_covers_every_module_file_and_declares_pytorch():
 
     for icon in (ROOT / "MedSAM2Slicer" / "Resources" / "Icons" / "MedSAM2.png", ROOT / "Resources" / "MedSAM2.png"):
         assert Image.open(icon).size == (128, 128)
+
+
+def _function(tree, name):
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _calls(node):
+    return {ast.unparse(n.func) for n in ast.walk(node) if isinstance(n, ast.Call)}
+
+
+def test_no_dialog_opens_inside_the_markups_placement_callback(tree):
+    """A modal dialog inside PointPositionDefinedEvent runs while the markups widget is placing the
+    point; errors there are shown from the event loop instead."""
+    placed = _calls(_function(tree, "_onMarkupPlaced"))
+    assert not {c for c in placed if "Display" in c or c == "self._showError"}, placed
+    assert "self._showErrorLater" in placed
+    assert "qt.QTimer.singleShot" in _calls(_function(tree, "_showErrorLater"))
+    # the controller's error callback (errors raised while placing a prompt) is the deferred one too
+    assert "self._showErrorLater" in ast.unparse(_function(tree, "setup"))
+
+
+def test_self_test_skips_where_the_engine_is_not_installed(tree):
+    run = _function(tree, "runTest")
+    source = ast.unparse(run)
+    assert "install.importable('local')" in source and "unittest.SkipTest" in source
+    assert source.index("SkipTest") < source.index("self.test_"), "the skip comes before the test runs"
+
+
+def test_module_follows_slicers_template_conventions(tree):
+    source = MODULE.read_text()
+    init = ast.unparse(_function(tree, "__init__"))
+    contributors = re.search(r"contributors = \[(.*?)\]", source).group(1)
+    assert all(re.fullmatch(r'"[^"(]+ \([^")]+\)"', c.strip()) for c in contributors.split(",")), contributors
+    assert "self.parent.title = _(" in init and "translate('qSlicerAbstractCoreModule', 'Segmentation')" in init
+    assert "<a href=" in source and "DOCS_URL" in init, "the help text links to the documentation"
+    assert "from slicer.i18n import tr as _" in source
+    # the token lives in QSettings as plain text: the docs say so
+    assert "plain text" in (ROOT / "docs" / "slicer.md").read_text()
