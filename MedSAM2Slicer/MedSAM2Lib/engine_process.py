@@ -161,6 +161,7 @@ class LocalEngine:
         self._requests: dict = {}        # id -> Request awaiting its reply
         self._handles = 0
         self._spawned_at = 0.0
+        self._hello = None               # (socket, reader) of a connection that has not said hello yet
         self._stderr_path = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -224,6 +225,9 @@ class LocalEngine:
                     s.close()
                 except OSError:
                     pass
+        if self._hello is not None:
+            self._hello[0].close()
+            self._hello = None
         self._sock = self._listener = None
         proc, self._proc = self._proc, None
         if proc is not None:
@@ -344,34 +348,40 @@ class LocalEngine:
         return delivered
 
     def _accept(self) -> None:
+        """Take the child's connection and its hello, without blocking: over as many polls as it takes."""
         if self._proc.poll() is not None:
             self._child_stopped("it exited while starting")
             return
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            if time.monotonic() - self._spawned_at > STARTUP_TIMEOUT_S:
-                self._child_stopped(f"it did not connect within {STARTUP_TIMEOUT_S:.0f} s")
-            return
-        sock.setblocking(True)
-        sock.settimeout(5.0)
-        reader = channel.MessageReader()
+        if self._hello is None:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() - self._spawned_at > STARTUP_TIMEOUT_S:
+                    self._child_stopped(f"it did not connect within {STARTUP_TIMEOUT_S:.0f} s")
+                return
+            sock.setblocking(False)
+            self._hello = (sock, channel.MessageReader())
+        sock, reader = self._hello
         try:
             while reader.pending() == 0:
                 data = sock.recv(4096)
                 if not data:
                     raise OSError("closed before saying hello")
                 reader.feed(data)
+        except (BlockingIOError, InterruptedError):
+            return  # the rest of the hello comes with a later poll
         except (OSError, channel.ChannelError):
             sock.close()
+            self._hello = None
             return
+        self._hello = None
         hello, _ = reader.pop()
         if hello.get("type") != "hello" or not hmac.compare_digest(str(hello.get("key", "")), self._key):
             sock.close()  # not our child: keep listening for it
             return
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
+        self._reader = reader  # anything the child sent after its hello is already in there
         self._listener.close()
         self._listener = None
 
