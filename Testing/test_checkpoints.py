@@ -266,6 +266,11 @@ def test_http_error_says_how_to_go_on_in_python_and_cli_words(server, tmp_path):
     assert "--checkpoint" not in str(err.value)
     assert err.value.for_cli().endswith("download the file yourself and pass it with --checkpoint FILE")
     assert not (tmp_path / "cache" / "checkpoints" / "test_model.pt").exists()
+    import pickle  # as it crosses to Slicer's process: both wordings survive
+
+    again = pickle.loads(pickle.dumps(err.value))
+    assert str(again) == str(err.value) and again.for_cli() == err.value.for_cli()
+    assert again.text('the "checkpoint file" setting').endswith('pass it with the "checkpoint file" setting')
 
 
 # ------------------------------------------------------------------------------------- pinning

@@ -59,6 +59,9 @@ class CheckpointUnavailable(CheckpointError):
     def for_cli(self) -> str:
         return self.text(self.CLI_WAY)
 
+    def __reduce__(self):  # across processes (Slicer's engine process) keep both wordings
+        return type(self), (self.template, self.model)
+
 
 # --------------------------------------------------------------------------------------- paths
 
