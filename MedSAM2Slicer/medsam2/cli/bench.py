@@ -11,7 +11,7 @@ def add_arguments(p):
         p, checkpoint_help="checkpoint file; default: a random-weight one (timings are real; the table says so)",
         precision_help="our engine's precision (auto: bfloat16 on CUDA, float32 on a CPU). The official predictor "
                        "runs as its demos do (bf16 autocast on CUDA) unless float32 is asked: then both are float32. "
-                       "The table notes whether this CPU has bf16 units (without them bfloat16 is about 9x slower)")
+                       "The table notes whether this CPU has bf16 units (without them bfloat16 is 9-21x slower)")
     p.add_argument("--slices", default="20", metavar="N[,N...]",
                    help="slice count(s), e.g. 20 or 20,200 (memory flatness); default 20")
     p.add_argument("--variants", metavar="LIST",

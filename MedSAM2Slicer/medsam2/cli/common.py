@@ -41,7 +41,7 @@ def add_model_arguments(p, *, checkpoint_help: str | None = None, precision_help
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help=precision_help or "auto (default): bfloat16 on CUDA, float32 on a CPU (exactly SAM2's "
                                           "results); bfloat16 on a CPU is faster only with bf16 units "
-                                          "(AVX512-BF16, AMX), and about 9x slower without (docs/performance.md)")
+                                          "(AVX512-BF16, AMX), and 9-21x slower without (docs/performance.md)")
 
 
 def add_compile_argument(p) -> None:
