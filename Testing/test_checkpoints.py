@@ -253,8 +253,24 @@ def test_unreachable_server_gives_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = _spec(f"http://127.0.0.1:{port}/m.pt")
-    with pytest.raises(CheckpointError, match="cannot reach .*--checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot reach .*Connection refused.*checkpoint=FILE") as err:
         checkpoints.download(spec, progress=False, timeout=5)
+    assert err.value.for_cli().endswith("pass it with --checkpoint FILE")
+
+
+def test_http_error_says_how_to_go_on_in_python_and_cli_words(server, tmp_path):
+    spec = _spec(server.url("/gone.pt"))  # the loopback server answers 404
+    with pytest.raises(checkpoints.CheckpointUnavailable, match="HTTP 404") as err:
+        checkpoints.download(spec, progress=False)
+    assert 'checkpoint=FILE (medsam2.load_model("test_model", checkpoint=' in str(err.value)
+    assert "--checkpoint" not in str(err.value)
+    assert err.value.for_cli().endswith("download the file yourself and pass it with --checkpoint FILE")
+    assert not (tmp_path / "cache" / "checkpoints" / "test_model.pt").exists()
+    import pickle  # as it crosses to Slicer's process: both wordings survive
+
+    again = pickle.loads(pickle.dumps(err.value))
+    assert str(again) == str(err.value) and again.for_cli() == err.value.for_cli()
+    assert again.text('the "checkpoint file" setting').endswith('pass it with the "checkpoint file" setting')
 
 
 # ------------------------------------------------------------------------------------- pinning

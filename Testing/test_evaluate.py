@@ -242,3 +242,27 @@ def test_evaluate_says_what_is_wrong_before_loading_a_model(tmp_path, ct_path, c
     assert code == 1 and "no object 'spleen'" in err and "5 (right lung)" in err
     code = cli_main(["evaluate", str(ct_path), str(tmp_path)])
     assert code == 1 and "IMAGE must be a folder too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["label map", "seg.nrrd"])
+def test_labels_that_do_not_overlap_the_image_say_so_and_where_each_lies(tmp_path, ct_path, ct_segmentation_path,
+                                                                          capsys, kind):
+    """A reference exported without its geometry (or of another scan) is not "empty": it is elsewhere."""
+    import slicerio
+
+    if kind == "label map":
+        labels = sitk.GetImageFromArray(np.ones((4, 8, 8), np.uint8))  # origin 0, spacing 1: lost geometry
+        path = tmp_path / "labels.nii.gz"
+        sitk.WriteImage(labels, str(path))
+        where = "the labelled voxels at x -0.5..7.5, y -0.5..7.5, z -0.5..3.5 mm (LPS)"
+    else:  # slicerio's lungs moved 1 m towards the feet
+        seg = slicerio.read_segmentation(str(ct_segmentation_path))
+        seg["ijkToLPS"] = np.asarray(seg["ijkToLPS"], float) + np.array([[0, 0, 0, 0]] * 2 + [[0, 0, 0, -1000]] + [[0] * 4])
+        path = tmp_path / "moved.seg.nrrd"
+        slicerio.write_segmentation(str(path), seg)
+        where = "the labelled voxels at x -186.2..194.6, y -138.6..150.9, z -1345.2..-1005.3 mm (LPS)"
+    code = cli_main(["evaluate", str(ct_path), str(path)])  # refused before any model loads or downloads
+    err = capsys.readouterr().err
+    assert code == 1 and "holds no labelled object" not in err
+    assert f"LABEL {path} does not overlap IMAGE {ct_path}" in err
+    assert "the image lies at x -195.4..194.6, y -172.1..217.9, z -345.2..-5.3 mm (LPS)" in err and where in err

@@ -18,7 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MedSAM2Slicer" / "MedSAM2.py"
 UI = ROOT / "MedSAM2Slicer" / "Resources" / "UI" / "MedSAM2.ui"
-LIB = ROOT / "MedSAM2Slicer" / "MedSAM2Lib"
 
 # Qt 5 classes (and enum members) the module uses, as PythonQt exposes them in Slicer's `qt`.
 # Verified against the Qt 5 class reference (doc.qt.io/qt-5/classes.html).
@@ -252,14 +251,6 @@ def test_shortcuts_in_help_are_the_ones_bound(tree):
     handlers = re.search(r"handlers = \{(.*?)\n        \}", source, re.S).group(1)
     bound = set(re.findall(r'"([^"]+)": ', handlers))
     assert keys == bound and {"I", "X", "O", "Shift+P", "Ctrl+Z", "Ctrl+Y"} <= keys
-
-
-def test_adapter_layer_imports_no_qt_and_engine_no_slicer():
-    for path in LIB.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not imported & {"qt", "ctk", "PythonQt"}, f"{path.name} imports Qt"
 
 
 def test_parameter_node_wrapper_api_matches_slicers_template():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("official", "sam2", "self-sorting")
+VARIANTS = ("official", "sam2", "self-sorting")  # the official predictor, then ours in each of options.MEMORY_MODES
 # a lung voxel of slicerio's CTChest4 (i, j), used as the click on every slice count
 CLICK = (40.0, 64.0)
 CORRECTION = (88.0, 64.0)
@@ -61,6 +61,7 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
     import medsam2
     from medsam2.build import official_overrides
     from medsam2.compilation import warm_up
+    from medsam2.cpu_support import has_bf16_units
     from medsam2.frames import FrameSource
 
     volume = chest_volume(slices)
@@ -81,7 +82,8 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
     result = {"variant": variant, "slices": slices, "image_size": model.image_size, "device": str(dev),
               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "random_weights": model.weights_are_random, "precision": model.precision,
-              "compiled": model.compiled or "-", "compile_s": compile_s}
+              "compiled": model.compiled or "-", "compile_s": compile_s,
+              "cpu_bf16_units": has_bf16_units() if dev.type == "cpu" else None}
 
     if variant == "official":
         from sam2.build_sam import build_sam2_video_predictor
@@ -216,21 +218,39 @@ def format_table(results) -> str:
     notes = []
     for slices, group in by_slices.items():
         off = group.get("official")
-        for name in ("sam2", "self-sorting"):
+        for name in VARIANTS[1:]:  # ours, against the official
             ours = group.get(name)
             if off and ours:
                 notes.append(f"{slices} slices, {name}: propagation {ours['propagate_s'] / off['propagate_s']:.2f}x "
                              f"the official time, correction {off['correction_s'] / ours['correction_s']:.1f}x faster")
     counts = sorted(by_slices)
     if len(counts) > 1:
-        for name in ("sam2", "self-sorting", "official"):
+        for name in (*VARIANTS[1:], "official"):
             lo, hi = by_slices[counts[0]].get(name), by_slices[counts[-1]].get(name)
             if lo and hi:
                 notes.append(f"{name}: peak RSS at {counts[-1]} slices is {hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f}x "
                              f"that at {counts[0]}")
+    notes += _cpu_precision_notes(results)
     if any(r.get("random_weights") for r in results):
         notes.append("RANDOM WEIGHTS: timings and memory are real; masks are not meaningful segmentations")
     return "\n".join(out + [""] + notes)
+
+
+def _cpu_precision_notes(results) -> list:
+    """What bfloat16 costs on the CPU the bench ran on (cpu_support.py), when it ran on a CPU."""
+    from .cpu_support import BF16_FLAGS, SLOW_BF16_TEXT
+
+    cpu = [r for r in results if str(r.get("device", "")).startswith("cpu")]
+    if not cpu:
+        return []
+    units = cpu[0].get("cpu_bf16_units")
+    if units is False:
+        asked = any(r.get("precision") == "bfloat16" for r in cpu)
+        return [("bfloat16 rows: " if asked else "bfloat16 here: ") + SLOW_BF16_TEXT]
+    if units:
+        return [f"this CPU has bf16 units ({' / '.join(BF16_FLAGS)}): --precision bfloat16 is the faster choice "
+                "on it, float32 the exact one"]
+    return ["whether this CPU has bf16 units is not known (not x86): measure --precision bfloat16 against float32"]
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from .errors import CheckpointError, InputError
+from .io.files import atomic_output
 from .registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,32 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1 << 20
 PINS_FILE = "pins.json"
 _ENV = "MEDSAM2_CACHE_DIR"
+
+
+class CheckpointUnavailable(CheckpointError):
+    """No usable checkpoint (a download that failed, a file not downloaded yet, a bad file), with the
+    way on that a user can take: give a local file. How to give it depends on who asks: from Python
+    (`str(error)`), the `checkpoint=` argument of `medsam2.load_model`; on the command line
+    (`error.for_cli()`), `--checkpoint FILE`; another front end passes its own words to `text()`."""
+
+    CLI_WAY = "--checkpoint FILE"
+
+    def __init__(self, template: str, model: str | None = None):
+        self.template = template  # "{way}" marks where the way to give a file goes
+        self.model = model
+        super().__init__(self.text())
+
+    def text(self, way: str | None = None) -> str:
+        if way is None:
+            way = (f'checkpoint=FILE (medsam2.load_model("{self.model}", checkpoint="path/to/file.pt"))'
+                   if self.model else "the checkpoint= argument of medsam2.load_model")
+        return self.template.replace("{way}", way)
+
+    def for_cli(self) -> str:
+        return self.text(self.CLI_WAY)
+
+    def __reduce__(self):  # across processes (Slicer's engine process) keep both wordings
+        return type(self), (self.template, self.model)
 
 
 # --------------------------------------------------------------------------------------- paths
@@ -109,16 +135,10 @@ def _write_pin(spec: ModelSpec, sha256: str, url: str, size: int) -> None:
     }
     path = _pins_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write-then-rename so a crash never leaves a half-written pin file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pins.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp:  # a crash never leaves a half-written pin file
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"version": 1, "pins": pins}, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.warning(
         "%s has no published sha256; pinned it on first download: sha256 %s (%d bytes, from %s). "
         "Every later load checks this hash (pins in %s).", spec.filename, sha256, size, url, path,
@@ -220,14 +240,15 @@ def _fetch(spec, url, part: Path, *, progress, cancel, on_progress, chunk_size, 
             part.unlink()
             return _fetch(spec, url, part, progress=progress, cancel=cancel,
                           on_progress=on_progress, chunk_size=chunk_size, timeout=timeout)
-        raise CheckpointError(
-            f"downloading {spec.name} from {url} failed: HTTP {exc.code} {exc.reason}"
+        raise CheckpointUnavailable(
+            f"downloading {spec.name} from {url} failed: HTTP {exc.code} {exc.reason}. Try again later, "
+            "or download the file yourself and pass it with {way}", spec.name
         ) from exc
     except (URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CheckpointError(
+        raise CheckpointUnavailable(
             f"cannot reach {url} to download {spec.name} ({reason}). Check the network, or "
-            "download the file yourself and pass it with --checkpoint FILE"
+            "download the file yourself and pass it with {way}", spec.name
         ) from exc
 
     with resp:
@@ -460,9 +481,9 @@ def resolve(name, checkpoint=None, download_if_missing=True, **download_kw) -> P
         verify_file(spec, dest)
         return dest
     if not download_if_missing:
-        raise CheckpointError(
+        raise CheckpointUnavailable(
             f"{spec.name} is not downloaded yet ({dest} is missing): run "
-            f"`medsam2 download {spec.name}` or pass a local file with --checkpoint"
+            f"`medsam2 download {spec.name}` or pass a local file with {{way}}", spec.name
         )
     return download(spec, **download_kw)
 
@@ -489,7 +510,7 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
 
     path = Path(path)
     fix = ("delete it and download it again (`medsam2 download NAME --force`), or pass a good "
-           "file with --checkpoint")
+           "file with {way}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -506,7 +527,7 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
             ) from exc
         if "WeightsUnpickler error:" in text:  # the unpickler's reason, not its long preamble
             detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:200]
-        raise CheckpointError(
+        raise CheckpointUnavailable(
             f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch file "
             f"({type(exc).__name__}: {detail}); {fix}"
         ) from exc
@@ -522,7 +543,7 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
     if not bad:
         bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)][:5]
     if bad or not state:
-        raise CheckpointError(
+        raise CheckpointUnavailable(
             f"{path}: 'model' is not a state dict of tensors"
             + (f" (non-tensor entries: {', '.join(bad)})" if bad else " (it is empty)")
             + f"; {fix}"
@@ -533,15 +554,6 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
         path=path,
         sha256=sha256,
     )
-
-
-def load_checkpoint(name, checkpoint=None, **resolve_kw) -> Checkpoint:
-    """resolve() then read_checkpoint(); `sha256` is filled for verified registry files."""
-    path = resolve(name, checkpoint, **resolve_kw)
-    sha = None
-    if checkpoint is None or str(checkpoint) == "":
-        sha = expected_sha256(name)[0]
-    return read_checkpoint(path, sha256=sha)
 
 
 def load_state_dict_strict(module, state_dict, source) -> None:

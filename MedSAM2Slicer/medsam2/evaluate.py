@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import InputError
 from .fusion import interior_point
+from .options import AXES
 
 PROMPT_KINDS = ("box", "click")
 
@@ -171,8 +172,8 @@ def evaluate_object(model, volume, ref, label=1, name="", spacing=None, memory="
     volume, ref: (slices, rows, cols) arrays, frames along axis 0. prompts: add_prompt kwargs to use
     instead of the simulated first prompt (e.g. from a prompts file); corrections are simulated.
     """
-    if axes not in ("one", "all"):
-        raise InputError(f"axes must be 'one' or 'all'; got {axes!r}")
+    if axes not in AXES:
+        raise InputError(f"axes must be one of {AXES}; got {axes!r}")
     if int(corrections) < 0:
         raise InputError(f"corrections must be 0 or more; got {corrections}")
     ref = np.asarray(ref, bool)

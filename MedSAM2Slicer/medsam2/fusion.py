@@ -47,8 +47,7 @@ import numpy as np
 
 from .errors import InputError
 from .io.volume_io import from_frames, index_to_frame_pixel, to_frames
-
-AXES_MODES = ("one", "all")
+from .options import AXES as AXES_MODES
 
 # session -> {axis: session on that axis}; the other-axis sessions (and their cached image
 # features) live as long as the session, so a second fused run does not re-encode every frame

@@ -160,13 +160,15 @@ def load_model(name, checkpoint=None, device="auto", image_size=None, precision=
     from . import checkpoints, registry
     from .build import build_predictor
     from .compilation import compile_mode, compile_parts
+    from .cpu_support import warn_if_bf16_is_slow
 
     spec = registry.get_spec(name)
     size = int(image_size or spec.image_size)
     if size % 32 or size < 128:
         raise InputError(f"image_size must be a multiple of 32 and at least 128; got {size}")
     dev = pick_device(device)
-    resolve_precision(precision, dev)  # refuse bad values before any download or build
+    # refuse bad values before any download or build; bf16 emulated on a CPU is said once
+    warn_if_bf16_is_slow(resolve_precision(precision, dev), dev.type)
     mode = compile_mode(compile)
     path = checkpoints.resolve(name, checkpoint)
     ckpt = checkpoints.read_checkpoint(path)

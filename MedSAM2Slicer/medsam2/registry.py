@@ -13,9 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .errors import InputError
-
-# The model a user gets when they do not choose one.
-DEFAULT_MODEL = "medsam2_latest"
+from .options import DEFAULT_MODEL  # noqa: F401  (the model a user gets when they do not choose one)
 
 _SAM21_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 _MEDSAM2_BASE = "https://huggingface.co/wanglab/MedSAM2/resolve/main"
@@ -228,8 +226,8 @@ def get_spec(name) -> ModelSpec:
                 break
     if spec is None:
         raise InputError(
-            f"unknown model {name!r}; valid names: {', '.join(model_names())} "
-            "(or pass a local checkpoint file with --checkpoint)"
+            f"unknown model {name!r}; valid names: {', '.join(model_names())} (a local checkpoint file "
+            "still needs the name of its architecture here, e.g. sam2.1_hiera_tiny or a medsam2_* model)"
         )
     return spec
 

@@ -2,21 +2,23 @@
 
 import json
 
-from ..cli.common import add_compile_argument
+from ..options import MEMORY_MODES
+from .common import add_compile_argument, add_model_arguments, check_model_inputs
 
 
 def add_arguments(p):
-    p.add_argument("--model", default="medsam2_latest", help="registry model (default: medsam2_latest)")
-    p.add_argument("--checkpoint", help="checkpoint file; default: a random-weight one (the table says so)")
-    p.add_argument("--image-size", type=int, default=None, help="model input size (default: the model's)")
-    p.add_argument("--slices", default="20", help="slice count(s), e.g. 20 or 20,200 (memory flatness)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--variants", default="official,sam2,self-sorting", help="which of official,sam2,self-sorting")
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="our engine's precision (auto: bfloat16 on CUDA, float32 on CPU). The official predictor "
-                        "runs as its demos do (bf16 autocast on CUDA) unless float32 is asked: then both are float32")
+    add_model_arguments(
+        p, checkpoint_help="checkpoint file; default: a random-weight one (timings are real; the table says so)",
+        precision_help="our engine's precision (auto: bfloat16 on CUDA, float32 on a CPU). The official predictor "
+                       "runs as its demos do (bf16 autocast on CUDA) unless float32 is asked: then both are float32. "
+                       "The table notes whether this CPU has bf16 units (without them bfloat16 is 9-21x slower)")
+    p.add_argument("--slices", default="20", metavar="N[,N...]",
+                   help="slice count(s), e.g. 20 or 20,200 (memory flatness); default 20")
+    p.add_argument("--variants", metavar="LIST",
+                   help=f"comma-separated, from official, {', '.join(MEMORY_MODES)} (default: all): the official "
+                        "SAM2 predictor and our engine in each memory mode")
     add_compile_argument(p)
-    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
 def run(args):
@@ -24,6 +26,7 @@ def run(args):
     from ..errors import InputError
     from ..registry import get_spec
 
+    check_model_inputs(args)
     spec = get_spec(args.model)
     try:
         counts = [int(v) for v in str(args.slices).split(",")]
@@ -31,7 +34,7 @@ def run(args):
         raise InputError(f"--slices takes integers separated by commas; got {args.slices!r}") from None
     if any(c < 4 for c in counts):
         raise InputError("--slices must be at least 4 (a prompt, a correction and room to propagate)")
-    variants = [v.strip() for v in args.variants.split(",")]
+    variants = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -41,6 +44,8 @@ def run(args):
                         compile=args.compile or False)
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
+        from ..io.files import atomic_output
+
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=2)
     return 0

@@ -1,29 +1,99 @@
-"""What several CLI verbs share: loading the model the way a command-line user should see it."""
+"""What the CLI verbs share: one definition of each model argument (with the engine's own lists from
+options.py), the checks every verb makes before anything slow, and loading the model the way a
+command-line user should see it."""
 
+from __future__ import annotations
+
+import argparse
+import os
+import re
 import sys
 import warnings
 
+from ..options import AXES, DEFAULT_MODEL, DEVICES, MEMORY_MODES, PRECISIONS
 
-def load_model_for_cli(args, meaning="results"):
-    """Load --model/--checkpoint/--device/--image-size(/--precision/--compile); random weights get a banner
-    on stderr instead of a Python warning, saying that `meaning` (results, scores, masks) are void."""
+DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N (the N-th GPU) or mps"
+
+
+def say(text: str) -> None:
+    """A progress or summary line for the user, on stderr (stdout stays for results)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def device_name(text: str) -> str:
+    """argparse type of --device: one of options.DEVICES, or cuda:N."""
+    if text in DEVICES or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; choose {DEVICE_HELP}")
+
+
+def add_model_arguments(p, *, checkpoint_help: str | None = None, precision_help: str | None = None) -> None:
+    """--model, --checkpoint, --device, --image-size and --precision, the same for every verb that loads the model."""
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"registry model name (`medsam2 models` lists them; default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help=checkpoint_help or "a local checkpoint file for that model instead of the registry download "
+                                           "(a copy made offline, a fine-tune)")
+    p.add_argument("--device", default="auto", type=device_name, metavar="DEVICE", help=DEVICE_HELP)
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="model input size in pixels, a multiple of 32 (default: the model's own; smaller is "
+                        "faster and coarser)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help=precision_help or "auto (default): bfloat16 on CUDA, float32 on a CPU (exactly SAM2's "
+                                          "results); bfloat16 on a CPU is faster only with bf16 units "
+                                          "(AVX512-BF16, AMX), and 9-21x slower without (docs/performance.md)")
+
+
+def add_compile_argument(p) -> None:
+    """--compile [MODE], the same for every verb that offers it."""
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the network (MODE: default | max-autotune-no-cudagraphs): faster tracking on "
+                        "GPUs after a slow first propagation; results no longer bit-identical to SAM2's "
+                        "(docs/performance.md)")
+
+
+def add_memory_argument(p, help: str | None = None) -> None:
+    p.add_argument("--memory", default=MEMORY_MODES[0], choices=MEMORY_MODES,
+                   help=help or "memory bank: MedSAM-2's self-sorting bank (default) or stock SAM2 memory")
+
+
+def add_axes_argument(p, help: str) -> None:
+    p.add_argument("--axes", default=AXES[0], choices=AXES, help=help)
+
+
+def add_window_argument(p, help: str) -> None:
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), help=help)
+
+
+def check_model_inputs(args) -> None:
+    """What can be wrong with the shared arguments, said before any input is read or model loaded."""
+    from ..errors import InputError
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise InputError(f"--checkpoint {checkpoint}: no such file")
+    window = getattr(args, "window", None)
+    if window is not None and not window[0] < window[1]:
+        raise InputError(f"--window {window[0]:g} {window[1]:g}: LOW must be below HIGH")
+
+
+def load_model_for_cli(args, meaning: str = "results"):
+    """Load --model/--checkpoint/--device/--image-size/--precision(/--compile). Random weights get a
+    banner on stderr instead of a Python warning, saying that `meaning` (results, scores, masks) are
+    void; bfloat16 on a CPU without bf16 units gets one line saying what it costs."""
     import medsam2
 
-    with warnings.catch_warnings():  # the random-weights warning is replaced by the banner below
+    from ..cpu_support import SLOW_BF16_TEXT, bf16_is_slow
+
+    with warnings.catch_warnings():  # the engine's warnings are replaced by the lines below
         warnings.simplefilter("ignore")
         model = medsam2.load_model(args.model, checkpoint=args.checkpoint, device=args.device,
                                    image_size=args.image_size, precision=getattr(args, "precision", "auto"),
                                    compile=getattr(args, "compile", None) or False)
     if getattr(model, "weights_are_random", False):
         bar = "*" * 72
-        print(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
-              f"model)\n{bar}", file=sys.stderr, flush=True)
+        say(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
+            f"model)\n{bar}")
+    if bf16_is_slow(model.precision, model.device.type):
+        say(f"note: --precision bfloat16: {SLOW_BF16_TEXT}: --precision float32.")
     return model
-
-
-def add_compile_argument(p):
-    """--compile [MODE], the same for every verb that loads the model."""
-    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the network (MODE: default | max-autotune-no-cudagraphs): faster tracking on "
-                        "GPUs after a slow first propagation; results no longer bit-identical to SAM2's "
-                        "(docs/performance.md)")

@@ -7,12 +7,11 @@ loads. The simulated user and the metrics are defined in medsam2/evaluate.py.
 
 import json
 import os
-import sys
 import time
 
-from ..cli.common import load_model_for_cli
+from .common import (add_axes_argument, add_memory_argument, add_model_arguments, add_window_argument,
+                     check_model_inputs, load_model_for_cli, say)
 
-DEFAULT_MODEL = "medsam2_latest"
 VOLUME_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -29,16 +28,10 @@ def add_arguments(p):
                    help="simulated correction clicks per object on its worst slices (default 0)")
     p.add_argument("--labels", nargs="+", metavar="L",
                    help="evaluate only these objects: label values or segment names (default: all)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device")
-    p.add_argument("--image-size", type=int, metavar="N", help="model input size in pixels (default: the model's)")
-    p.add_argument("--memory", default="self-sorting", choices=("self-sorting", "sam2"),
-                   help="memory bank: MedSAM-2's self-sorting bank (default) or stock SAM2 memory")
-    p.add_argument("--axes", default="one", choices=("one", "all"),
-                   help="one: propagate along the slices (axis 0); all: along all three axes, fused (docs/modes.md)")
-    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="intensity window (default: the 0.5-99.5 percentiles of each volume)")
+    add_model_arguments(p)
+    add_memory_argument(p)
+    add_axes_argument(p, "one: propagate along the slices (axis 0); all: along all three axes, fused (docs/modes.md)")
+    add_window_argument(p, "intensity window (default: the 0.5-99.5 percentiles of each volume)")
     p.add_argument("--output", "-o", metavar="OUT",
                    help="write the prediction: a .seg.nrrd or label map for one case; a folder for folders of cases "
                         "(one <case>.seg.nrrd each)")
@@ -118,6 +111,7 @@ def read_reference(path, volume, select=None):
     import SimpleITK as sitk
 
     from ..errors import InputError
+    from ..io.files import read_sitk_image
 
     reference = volume.reference_image(np.zeros(volume.array.shape, np.uint8))
     if path.lower().endswith(".seg.nrrd"):
@@ -130,14 +124,12 @@ def read_reference(path, volume, select=None):
         voxels = seg["voxels"]
         layers = voxels if voxels.ndim == 4 else voxels[None]
         ijk_to_lps = np.asarray(seg["ijkToLPS"], float)
+        _check_overlap(path, np.any(layers, axis=0).transpose(2, 1, 0), ijk_to_lps, volume)
         onto = [_onto_grid(layer.transpose(2, 1, 0), ijk_to_lps, reference) for layer in layers]
         objects = [(n + 1, s.get("name") or s.get("id") or f"segment {n + 1}",
                     onto[s.get("layer", 0)] == s.get("labelValue", 1)) for n, s in enumerate(seg["segments"])]
     else:
-        try:
-            image = sitk.ReadImage(path)
-        except RuntimeError:
-            raise InputError(f"{path}: SimpleITK cannot read this label file") from None
+        image = read_sitk_image(path, "LABEL", "a label file is a .seg.nrrd or a 3D label map (NIfTI, NRRD, MHA)")
         if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
             raise InputError(f"{path}: a label map must be a 3D scalar image")
         array = sitk.GetArrayFromImage(image)
@@ -148,6 +140,7 @@ def read_reference(path, volume, select=None):
         m = np.eye(4)
         m[:3, :3] = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
         m[:3, 3] = image.GetOrigin()
+        _check_overlap(path, array, m, volume)
         array = _onto_grid(array, m, reference)
         objects = [(int(v), f"label {int(v)}", array == v) for v in np.unique(array) if v != 0]
     if select:
@@ -162,6 +155,27 @@ def read_reference(path, volume, select=None):
     if not objects:
         raise InputError(f"{path}: holds no labelled object")
     return objects
+
+
+def _check_overlap(path, array_kji, ijk_to_lps, volume):
+    """A label file whose labelled voxels lie wholly outside the image is a mismatch (another scan, or
+    coordinates lost on export), not an empty reference: say so, and where each lies."""
+    import numpy as np
+
+    from ..errors import InputError
+    from ..io.volume_io import bounds_overlap, describe_bounds, grid_bounds
+
+    labelled = np.nonzero(array_kji)
+    if not labelled[0].size:
+        return  # nothing labelled at all: reported as such by the caller
+    first = np.array([a.min() for a in labelled])[::-1]  # (i, j, k)
+    size = np.array([a.max() for a in labelled])[::-1] - first + 1
+    labels_at = grid_bounds(ijk_to_lps, size, first)
+    if not bounds_overlap(labels_at, volume.bounds):
+        raise InputError(
+            f"LABEL {path} does not overlap IMAGE {volume.source}: the image lies at "
+            f"{describe_bounds(volume.bounds)}, the labelled voxels at {describe_bounds(labels_at)}. "
+            "Give the labels of this image, on its scanner coordinates (origin, spacing and direction as read)")
 
 
 def _onto_grid(array_kji, ijk_to_lps, reference):
@@ -210,10 +224,7 @@ def run(args):
     # 1. inputs, before anything slow
     if args.corrections < 0:
         raise InputError(f"--corrections {args.corrections}: give 0 or more")
-    if args.window is not None and not args.window[0] < args.window[1]:
-        raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    check_model_inputs(args)
     cases = find_cases(args.image, args.label, args.prompts)
     many = os.path.isdir(args.label)
     outputs = {}
@@ -239,7 +250,7 @@ def run(args):
             objects = [o for o in objects if o[0] in file_prompts]
         empty = [f"{o[0]} ({o[1]})" for o in objects if not o[2].any()]
         if empty and file_prompts is None:
-            _say(f"{name}: skipping empty reference object(s) {', '.join(empty)}: nothing to prompt")
+            say(f"{name}: skipping empty reference object(s) {', '.join(empty)}: nothing to prompt")
             objects = [o for o in objects if o[2].any()]
         loaded.append((name, image, label, volume, objects, file_prompts))
 
@@ -260,7 +271,7 @@ def run(args):
         window = tuple(args.window) if args.window else None
         scores, predictions = [], []
         for value, obj_name, ref in objects:
-            _say(f"{name}: object {value} ({obj_name}) ...")
+            say(f"{name}: object {value} ({obj_name}) ...")
             score, pred = evaluate_object(
                 model, volume.array, ref, label=value, name=obj_name, spacing=spacing_kji, memory=args.memory,
                 axes=args.axes, corrections=args.corrections, prompt_kind=args.prompt_kind,
@@ -277,10 +288,10 @@ def run(args):
     # 4. report
     _print_table(rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
+        from ..io.files import atomic_output
+
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     for out in outputs.values():
         print(f"wrote {out}")
@@ -317,7 +328,3 @@ def _print_table(rows):
         hd = f"{np.mean(finite):8.2f}" if finite else f"{'-':>8}"
         mean_inter = np.mean([s.interactions for _, s in rows])
         print(f"{'mean':<{width}}  {'':>5}  {'':<{name_w}}  {np.mean(dices):6.4f}  {hd}  {mean_inter:12.1f}")
-
-
-def _say(text):
-    print(text, file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from .. import checkpoints, registry
+from ..options import DEFAULT_MODEL
 
 
 def _human(n):
@@ -68,15 +69,15 @@ def run_models(args):
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     print(f"\ncache: {checkpoints.checkpoints_dir()}  (set MEDSAM2_CACHE_DIR to move it)")
-    print(f"default model: {registry.DEFAULT_MODEL}; `medsam2 download NAME` fetches one; "
+    print(f"default model: {DEFAULT_MODEL}; `medsam2 download NAME` fetches one; "
           "'pin on download' files record their sha256 on first download")
     bad = [r for r in rows if r["verified"] and r["verified"] != "ok"]
     return 1 if bad else 0
 
 
 def add_download_arguments(p):
-    p.add_argument("name", help="registry name, e.g. medsam2_latest (see `medsam2 models`)")
-    p.add_argument("--url", help="download from this URL instead of the registry's (a mirror)")
+    p.add_argument("name", metavar="NAME", help=f"registry name, e.g. {DEFAULT_MODEL} (`medsam2 models` lists them)")
+    p.add_argument("--url", metavar="URL", help="download from this URL instead of the registry's (a mirror)")
     p.add_argument("--force", action="store_true",
                    help="download again even if a verified copy is cached (re-pins a file "
                         "that has no published sha256)")

@@ -12,11 +12,11 @@ import csv
 import json
 import os
 import sys
-import tempfile
 
-from ..cli.common import load_model_for_cli
+from ..io.files import atomic_output, read_sitk_image
+from .common import (add_memory_argument, add_model_arguments, add_window_argument, check_model_inputs,
+                     load_model_for_cli, say)
 
-DEFAULT_MODEL = "medsam2_latest"
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 SUMMARY = "summary.csv"
@@ -30,15 +30,11 @@ def add_arguments(p):
                         '"labels": [1], "box": [x0, y0, x1, y1]}]} in each image\'s own pixels')
     p.add_argument("--output", "-o", required=True, metavar="DIR",
                    help="folder for the mask PNGs and summary.csv (created if missing)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
-    p.add_argument("--image-size", type=int, metavar="N", help="model input size in pixels (default: the model's)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="compute device")
-    p.add_argument("--memory", default="self-sorting", choices=("self-sorting", "sam2"),
-                   help="memory: the self-sorting bank (default; memories chosen by image similarity) or stock SAM2")
-    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="one intensity window for all images (default, per image: 0..255 for 8-bit images, "
-                        "else the image's own 0.5-99.5 percentiles)")
+    add_model_arguments(p)
+    add_memory_argument(p, "memory: the self-sorting bank (default; memories chosen by image similarity) or stock "
+                           "SAM2 (the images in file-name order)")
+    add_window_argument(p, "one intensity window for all images (default, per image: 0..255 for 8-bit images, "
+                           "else the image's own 0.5-99.5 percentiles)")
     p.add_argument("--overwrite", action="store_true", help="replace existing mask PNGs and summary.csv in DIR")
 
 
@@ -84,10 +80,7 @@ def read_image(path):
     if _is_dicom(path):
         import SimpleITK as sitk
 
-        try:
-            image = sitk.ReadImage(path)
-        except RuntimeError:
-            raise InputError(f"{path}: SimpleITK cannot read this DICOM file") from None
+        image = read_sitk_image(path, hint="one-prompt reads single-frame DICOM, PNG, JPEG, BMP and TIFF images")
         array = sitk.GetArrayFromImage(image)  # (1, rows, cols[, c]) for a single frame
         if image.GetDimension() == 3:
             if image.GetSize()[2] != 1:
@@ -175,10 +168,7 @@ def run(args):
     from ..errors import InputError
 
     # 1. inputs, before anything slow
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
-    if args.window is not None and not args.window[0] < args.window[1]:
-        raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+    check_model_inputs(args)
     names = list_images(args.folder)
     if os.path.abspath(args.output) == os.path.abspath(args.folder):
         raise InputError("--output must not be FOLDER itself: the masks would replace the images")
@@ -194,7 +184,7 @@ def run(args):
     shapes = [tuple(im.shape[:2]) for im in images]
     prompts = read_prompt_file(args.prompts, names, shapes)
     obj_ids = sorted({p[1] for p in prompts})
-    _say(f"{args.folder}: {len(names)} image(s); {len(obj_ids)} object(s) prompted on "
+    say(f"{args.folder}: {len(names)} image(s); {len(obj_ids)} object(s) prompted on "
          f"{len({p[0] for p in prompts})} image(s)")
 
     # 2. model and session
@@ -238,26 +228,13 @@ def run(args):
 def _write_png(path, array):
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mask-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")  # uint8 -> "L", uint16 -> 16-bit grey
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _write_csv(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "mask", "width", "height", "obj_id", "prompted",
                                                "pixels", "fraction"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _say(text):
-    print(text, file=sys.stderr)

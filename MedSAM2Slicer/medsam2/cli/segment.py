@@ -4,13 +4,11 @@ Everything that can be wrong with the inputs (image, prompts, output path) is ch
 model loads, so a typo costs seconds, not a propagation.
 """
 
-import os
 import sys
 import time
 
-from ..cli.common import add_compile_argument, load_model_for_cli
-
-DEFAULT_MODEL = "medsam2_latest"
+from .common import (add_axes_argument, add_compile_argument, add_memory_argument, add_model_arguments,
+                     add_window_argument, check_model_inputs, load_model_for_cli, say)
 
 
 def add_arguments(p):
@@ -20,47 +18,31 @@ def add_arguments(p):
                    help="prompts .json (see docs/cli.md) and/or Slicer markups .mrk.json files (point lists, ROIs)")
     p.add_argument("--output", "-o", required=True, metavar="OUT",
                    help="output: .seg.nrrd (Slicer segmentation, named segments) or .nii.gz/.nii/.nrrd/.mha label map")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"registry model name (see `medsam2 models`; default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="compute device (auto: cuda, then mps, then cpu)")
-    p.add_argument("--memory", default="self-sorting", choices=("self-sorting", "sam2"),
-                   help="memory bank: MedSAM-2's self-sorting bank (default) or stock SAM2 memory")
+    add_model_arguments(p)
+    add_memory_argument(p)
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
                    help="numpy axis of the (k, j, i) voxel array to propagate along: 0 = slices k (default; "
                         "axial for an axial scan), 1 = rows j, 2 = columns i")
-    p.add_argument("--axes", default="one", choices=("one", "all"),
-                   help="one: propagate along --axis (default); all: along all three axes, fused per voxel by "
-                        "the mean of probabilities (docs/modes.md)")
-    p.add_argument("--image-size", type=int, metavar="N",
-                   help="model input size in pixels (default: the model's own; smaller is faster, for tests)")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="auto: bfloat16 on CUDA, float32 on CPU (exactly SAM2's results); bfloat16 is faster "
-                        "on CPUs with bf16 units (docs/performance.md)")
+    add_axes_argument(p, "one: propagate along --axis (default); all: along all three axes, fused per voxel by "
+                         "the mean of probabilities (docs/modes.md)")
     add_compile_argument(p)
-    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
+    add_window_argument(p, "intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def run(args):
     from ..io import prompts_io, volume_io
-    from ..errors import InputError
 
     # 1. inputs, before anything slow
     kind = volume_io.check_output_path(args.output, args.overwrite)
-    if args.window is not None and not args.window[0] < args.window[1]:
-        raise InputError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    check_model_inputs(args)
     volume = volume_io.read_volume(args.image, series=args.series)
     objects = prompts_io.read_prompts(args.prompts)
     frame_prompts = prompts_io.to_frame_prompts(objects, volume, args.axis)
     frames = volume_io.to_frames(volume.array, args.axis)
-    _say(f"{volume.source}: {volume.size[0]}x{volume.size[1]}x{volume.size[2]} voxels; "
-         f"{len(objects)} object(s), {len(frame_prompts)} prompted frame(s); {frames.shape[0]} frames along axis {args.axis}")
+    say(f"{volume.source}: {volume.size[0]}x{volume.size[1]}x{volume.size[2]} voxels; "
+        f"{len(objects)} object(s), {len(frame_prompts)} prompted frame(s); {frames.shape[0]} frames along axis {args.axis}")
 
     # 2. model and session
 
@@ -102,10 +84,6 @@ def run(args):
         note = "  (empty)" if count == 0 else ""
         print(f"  {obj.id:>3} {obj.name}: {count} voxels, {count * voxel_ml:.1f} mL{note}")
     return 0
-
-
-def _say(text):
-    print(text, file=sys.stderr)
 
 
 def _fusion_steps(shape):

@@ -13,12 +13,12 @@ existing file is replaced only when the caller says so.
 """
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError
+from .files import atomic_output, read_sitk_image
 
 # Slicer's GenericAnatomyColors, first entries: the colours Slicer gives new segments, so our
 # output looks like a segmentation made in Slicer. Objects beyond the list cycle through it.
@@ -62,6 +62,11 @@ class Volume:
         m[:3, 3] = self.origin
         return m
 
+    @property
+    def bounds(self):
+        """(low, high) LPS mm corners of the box the voxels fill (see grid_bounds)."""
+        return grid_bounds(self.ijk_to_lps, self.size)
+
     def physical_to_index(self, points_lps):
         """LPS points (N, 3) -> continuous (i, j, k) indices (N, 3); integer = voxel centre."""
         p = np.atleast_2d(np.asarray(points_lps, float))
@@ -87,6 +92,29 @@ class Volume:
         return image
 
 
+def grid_bounds(ijk_to_lps, size_ijk, first_ijk=(0, 0, 0)):
+    """(low, high): the LPS mm axis-aligned box around a block of voxels' outer faces (half a voxel
+    beyond the first and last voxel centres), for a 4x4 ijk->LPS matrix, the block's (i, j, k)
+    voxel counts and its first voxel's index (default: the whole grid from voxel 0)."""
+    size = np.asarray(size_ijk, float)
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float) * size
+    corners += np.asarray(first_ijk, float) - 0.5
+    m = np.asarray(ijk_to_lps, float)
+    lps = corners @ m[:3, :3].T + m[:3, 3]
+    return lps.min(axis=0), lps.max(axis=0)
+
+
+def bounds_overlap(a, b) -> bool:
+    """Whether two (low, high) boxes share a volume (touching faces do not count)."""
+    return bool(np.all(a[0] < b[1]) and np.all(b[0] < a[1]))
+
+
+def describe_bounds(bounds):
+    """'x -193.1..196.1, y ... mm (LPS)' for messages."""
+    low, high = bounds
+    return ", ".join(f"{axis} {lo:.1f}..{hi:.1f}" for axis, lo, hi in zip("xyz", low, high)) + " mm (LPS)"
+
+
 def _from_image(image, source):
     import SimpleITK as sitk
 
@@ -108,14 +136,12 @@ def _from_image(image, source):
     )
 
 
-def read_volume(path, series=None):
+def read_volume(path, series=None) -> Volume:
     """Read a 3D scalar image file, or the DICOM series in folder `path`.
 
     series: the SeriesInstanceUID to read when the folder holds several series.
     Raises InputError with what is wrong and what to do.
     """
-    import SimpleITK as sitk
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder (IMAGE must be a NIfTI/NRRD/MHA file or a DICOM folder)")
@@ -123,13 +149,8 @@ def read_volume(path, series=None):
         return _read_dicom_folder(path, series)
     if series is not None:
         raise InputError(f"--series selects a series in a DICOM folder, but {path} is a file")
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise InputError(
-            f"{path}: SimpleITK cannot read this file ({first}). IMAGE must be a 3D NIfTI (.nii, .nii.gz), "
-            "NRRD (.nrrd), MetaImage (.mha, .mhd) file or a folder holding one DICOM series") from None
+    image = read_sitk_image(path, hint="IMAGE must be a 3D NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage "
+                                       "(.mha, .mhd) file or a folder holding one DICOM series")
     return _from_image(image, path)
 
 
@@ -185,24 +206,16 @@ def check_output_path(path, overwrite=False):
 
 
 def _atomic_write(path, overwrite, write):
-    """Call write(tmp_path) on a temporary file with the same extension, then rename into place."""
+    """Call write(tmp_path) on a temporary file with the output's extension, then rename into place."""
     path = os.fspath(path)
     check_output_path(path, overwrite)
-    folder = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    lower = base.lower()
+    lower = os.path.basename(path).lower()
     suffix = next((e for e in (SEGMENTATION_EXTENSION, *LABELMAP_EXTENSIONS) if lower.endswith(e)), "")
-    fd, tmp = tempfile.mkstemp(prefix=f".{base[:len(base) - len(suffix)]}.", suffix=base[len(base) - len(suffix):],
-                               dir=folder)
-    os.close(fd)
     try:
-        write(tmp)
-        if os.path.exists(path) and not overwrite:  # created by someone else while we ran
-            raise InputError(f"{path}: appeared while segmenting; pass --overwrite to replace it")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with atomic_output(path, suffix=os.path.basename(path)[len(lower) - len(suffix):], overwrite=overwrite) as tmp:
+            write(tmp)
+    except FileExistsError:  # created by someone else while we ran
+        raise InputError(f"{path}: appeared while segmenting; pass --overwrite to replace it") from None
     return path
 
 
