@@ -248,3 +248,31 @@ def _alive(pid) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_offline_first_use_tells_the_user_how_to_give_a_checkpoint_in_their_own_words(tmp_path, monkeypatch):
+    """No network (the child's HTTPS proxy is a loopback port nobody listens on) and nothing cached:
+    the download fails, and the message names the module's settings field, not a Python argument."""
+    import socket
+
+    from medsam2.errors import CheckpointError
+
+    from MedSAM2Lib import ModelSettings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    monkeypatch.setenv("https_proxy", dead)
+    monkeypatch.setenv("HTTPS_PROXY", dead)
+    monkeypatch.setenv("MEDSAM2_CACHE_DIR", str(tmp_path / "empty-cache"))
+    engine = ModelSettings(name="medsam2_latest", device="cpu").create_engine()
+    try:
+        with pytest.raises(CheckpointError) as failure:
+            engine.wait_ready(timeout=180)
+        text = str(failure.value)
+        assert "'Checkpoint file' field in MedSAM2's Settings" in text and "checkpoint=" not in text, text
+    finally:
+        engine.close()

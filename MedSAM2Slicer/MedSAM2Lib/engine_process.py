@@ -36,6 +36,7 @@ from collections import deque
 import numpy as np
 
 from medsam2 import errors
+from medsam2.errors import CheckpointError
 from medsam2.masks import pack_mask, unpack_mask
 from medsam2.options import DEFAULT_MODEL
 from medsam2.remote import channel
@@ -135,14 +136,17 @@ class LocalEngine:
     registry's verified, cached download, with progress). allow_random_weights: accept a checkpoint
     made by `medsam2.testing.write_random_checkpoint` (tests only: its masks are meaningless).
     python: the interpreter for the child (default: this one, or Slicer's PythonSlicer).
+    checkpoint_way: how a user of this application gives a local checkpoint file, named when the
+    download fails (e.g. "the Checkpoint file field in MedSAM2's Settings").
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | None = None, device: str = "auto",
                  image_size: int | None = None, precision: str = "auto", allow_random_weights: bool = False,
-                 python: str | None = None):
+                 python: str | None = None, checkpoint_way: str | None = None):
         self.config = {"mode": "local", "model": model, "checkpoint": str(checkpoint) if checkpoint else None,
                        "device": device, "image_size": image_size or None, "precision": precision}
         self.allow_random_weights = bool(allow_random_weights)
+        self.checkpoint_way = checkpoint_way  # how this application's user gives a checkpoint file
         self.python = python or default_python()
         self.state = "stopped"   # stopped | starting | ready | failed | closed
         self.generation = 0      # +1 at every start of a child
@@ -432,7 +436,7 @@ class LocalEngine:
             if request.op == "start":
                 self._ready(request)
         else:
-            error = _error_from(header)
+            error = _error_from(header, self.checkpoint_way)
             request.finish(error=error)
             if request.op == "start":
                 self.state = "failed"
@@ -531,9 +535,15 @@ def _decode(op: str, value, payload: bytes):
     return value
 
 
-def _error_from(header: dict) -> Exception:
-    """The child's error as the exception a local call would have raised."""
+def _error_from(header: dict, checkpoint_way: str | None = None) -> Exception:
+    """The child's error as the exception a local call would have raised. A missing checkpoint
+    names the application's own way to give a file (`checkpoint_way`), not the Python argument."""
     kind, message = header.get("kind", ""), header.get("message", "engine error")
+    if "template" in header:
+        from medsam2.checkpoints import CheckpointUnavailable
+
+        error = CheckpointUnavailable(header["template"], header.get("model"))
+        return CheckpointError(error.text(checkpoint_way)) if checkpoint_way else error
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.MedSAM2Error):
         return cls(message)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from medsam2.errors import InputError
 from medsam2.options import DEFAULT_MODEL, DEVICES
 
+# what a failed download tells the module's user to do instead (the panel's words, not Python's)
+CHECKPOINT_WAY = "the 'Checkpoint file' field in MedSAM2's Settings (a .pt file you downloaded yourself)"
+
 
 @dataclass(frozen=True)
 class ModelSettings:
@@ -36,4 +39,5 @@ class ModelSettings:
             return RemoteEngine(self.server_url, self.token or None, allow_random_weights=self.allow_random,
                                 python=python)
         return LocalEngine(self.name, checkpoint=self.checkpoint or None, device=self.device,
-                           image_size=self.image_size or None, allow_random_weights=self.allow_random, python=python)
+                           image_size=self.image_size or None, allow_random_weights=self.allow_random, python=python,
+                           checkpoint_way=CHECKPOINT_WAY)

@@ -82,8 +82,11 @@ class LinkLogHandler(logging.Handler):
 
 
 def _error_fields(exc: BaseException) -> dict:
-    return {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-            "medsam2": isinstance(exc, MedSAM2Error)}
+    fields = {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+              "medsam2": isinstance(exc, MedSAM2Error)}
+    if hasattr(exc, "template"):  # CheckpointUnavailable: the application words the way on itself
+        fields.update(template=exc.template, model=exc.model)
+    return fields
 
 
 class Agent:
