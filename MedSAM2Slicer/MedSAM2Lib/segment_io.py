@@ -170,6 +170,9 @@ class SegmentFrames:
         if in_place:
             # the segmentation observes its labelmaps: this refreshes views and derived representations
             self._labelmap().Modified()
+        # slice views redraw a segment on its own Modified event (a labelmap change alone left
+        # trame-slicer's views stale)
+        self.segment().Modified()
         return changed
 
     def _write_in_place(self, ext, kji):

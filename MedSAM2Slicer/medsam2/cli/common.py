@@ -15,10 +15,15 @@ def load_model_for_cli(args, meaning="results"):
                                    image_size=args.image_size, precision=getattr(args, "precision", "auto"),
                                    compile=getattr(args, "compile", None) or False)
     if getattr(model, "weights_are_random", False):
-        bar = "*" * 72
-        print(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
-              f"model)\n{bar}", file=sys.stderr, flush=True)
+        random_weights_banner(meaning)
     return model
+
+
+def random_weights_banner(meaning="results"):
+    """The stderr banner for random test weights, saying that `meaning` are void."""
+    bar = "*" * 72
+    print(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
+          f"model)\n{bar}", file=sys.stderr, flush=True)
 
 
 def add_compile_argument(p):
