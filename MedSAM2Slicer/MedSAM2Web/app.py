@@ -128,7 +128,7 @@ class WebApp:
         if self.loaded is None:
             return
         try:
-            width, level = scene.window_preset(name, self.loaded.node)
+            width, level = scene.window_preset(name, self.loaded)
         except MedSAM2Error as exc:
             return self.show_error(exc)
         scene.set_window_level(self.loaded.node, width, level)

@@ -94,11 +94,9 @@ def window_level(volume_node) -> tuple[float, float]:
     return float(display.GetWindow()), float(display.GetLevel())
 
 
-def window_preset(name: str, volume_node) -> tuple[float, float]:
+def window_preset(name: str, loaded: LoadedVolume) -> tuple[float, float]:
     if name == "Auto":
-        from MedSAM2Lib.session import volume_array
-
-        return auto_window_level(volume_array(volume_node))
+        return auto_window_level(loaded.volume.array)
     for preset, window, level in WINDOW_PRESETS:
         if preset == name:
             return window, level

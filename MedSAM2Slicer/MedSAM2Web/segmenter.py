@@ -22,8 +22,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from medsam2.errors import InputError, MedSAM2Error
 
 log = logging.getLogger(__name__)

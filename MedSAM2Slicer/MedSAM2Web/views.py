@@ -12,8 +12,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-import numpy as np
-
 from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
@@ -184,10 +182,3 @@ def view_state(view) -> dict:
             "normal": list(slice_normal(node)), "center": list(slice_center(node)),
             "offset": float(view.get_slice_value())}
 
-
-def ras_to_ijk(volume_node, ras) -> np.ndarray:
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetRASToIJKMatrix(m)
-    return np.array(m.MultiplyPoint((*map(float, ras), 1.0))[:3])
