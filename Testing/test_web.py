@@ -175,13 +175,10 @@ def assert_overlay(page, url, segment_id, timeout=30.0):
     last = {}
 
     def agrees():
-        state = web.status(page, url, masks=True)
-        seg = segment(state, segment_id)
-        expected = web.project(state, web.segment_mask(seg))
-        last.update(web.overlay_agreement(web.screenshot_rgb(red(page)), expected, seg["color"]),
-                    expected_px=int(expected.sum()))
-        inside_ok = last["inside_px"] == 0 or last["inside"] >= INSIDE_MIN  # an empty slice: colour nowhere
-        return inside_ok and last["outside"] <= OUTSIDE_MAX
+        check = web.overlay_check(web.status(page, url, masks=True), segment_id)
+        image = web.screenshot_rgb(red(page))
+        last.update(check.agreement(image))
+        return check.matches(image, INSIDE_MIN, OUTSIDE_MAX)  # an empty slice: colour nowhere
 
     try:
         web.wait_until(agrees, timeout, interval=0.3, what="the overlay")

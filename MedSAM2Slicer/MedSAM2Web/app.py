@@ -21,6 +21,7 @@ from .segmenter import EngineSettings, Segmenter
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.04
+BUSY_INTERVAL_S = 0.005
 DEFAULT_LAYOUT = "Red slice only"
 RANGE_FROM_VIEW = 10  # "From view": this many slices either side of the Red view's slice
 KEYS = {
@@ -266,7 +267,8 @@ class WebApp:
 
     async def _poll_forever(self):
         while True:
-            await asyncio.sleep(POLL_INTERVAL_S)
+            # while an action runs, only yield to the loop (renders, clicks) between engine steps
+            await asyncio.sleep(BUSY_INTERVAL_S if self.segmenter.busy else POLL_INTERVAL_S)
             with self.state:
                 was_busy = self.state.busy
                 if self.segmenter.poll() or was_busy != self.segmenter.busy:

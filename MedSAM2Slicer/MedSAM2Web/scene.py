@@ -173,22 +173,25 @@ def parse_hex_color(text: str) -> tuple[float, float, float]:
 
 
 def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """The segment on the volume's voxel grid, (k, j, i) bool, through Slicer's own export."""
+    """The segment on the volume's voxel grid, (k, j, i) bool, resampled by Slicer's segmentation
+    logic (no scene nodes: cheap enough for every status request)."""
     import slicer
     from vtk.util import numpy_support
 
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-    try:
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
-        if not ok:
-            raise InputError(f"Slicer could not export segment {segment_id!r} to the volume's grid.")
-        image = labelmap.GetImageData()
-        i, j, k = image.GetDimensions()
-        return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).astype(bool)
-    finally:
-        scene.RemoveNode(labelmap)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    reference = logic.CreateOrientedImageDataFromVolumeNode(volume_node)
+    i, j, k = reference.GetDimensions()
+    labelmap = slicer.vtkOrientedImageData()
+    label = segment(segmentation_node, segment_id).GetLabelValue()
+    # the segment's whole layer: segments sharing it differ by label value
+    if not logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, labelmap, False):
+        return np.zeros((k, j, i), dtype=bool)  # nothing painted yet
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    scalars = resampled.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros((k, j, i), dtype=bool)
+    return numpy_support.vtk_to_numpy(scalars).reshape(k, j, i) == label
 
 
 def save_segmentation(segmentation_node, loaded: LoadedVolume, path) -> str:

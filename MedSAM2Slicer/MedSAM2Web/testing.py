@@ -187,22 +187,38 @@ def tinted(image: np.ndarray, color_hex: str) -> np.ndarray:
     return (chroma @ (chroma_target / scale)) > 0.25 * scale
 
 
-def overlay_agreement(image: np.ndarray, expected: np.ndarray, color_hex: str) -> dict:
-    """How well the colour in a view screenshot matches where the segment projects.
+class OverlayCheck:
+    """Where a segment should show in a view, with margins, ready to test many screenshots."""
 
-    inside: fraction of pixels well inside the projection that show the colour (want ~1);
-    outside: fraction of pixels well away from it that show the colour (want ~0).
-    """
-    from scipy import ndimage
+    def __init__(self, expected: np.ndarray, color_hex: str):
+        from scipy import ndimage
 
-    if image.shape[:2] != expected.shape:
-        raise ValueError(f"screenshot {image.shape[:2]} and view {expected.shape} differ in size")
-    colour = tinted(image, color_hex)
-    h, w = expected.shape
-    usable = np.ones_like(expected)
-    usable[h - GUTTER_PX:, :] = False
-    usable[:GUTTER_PX, :GUTTER_PX] = False
-    inner = ndimage.binary_erosion(expected, iterations=INSIDE_MARGIN_PX) & usable
-    outer = ~ndimage.binary_dilation(expected, iterations=OUTSIDE_MARGIN_PX) & usable
-    return {"inside": float(colour[inner].mean()) if inner.any() else float("nan"), "inside_px": int(inner.sum()),
-            "outside": float(colour[outer].mean()) if outer.any() else 0.0, "outside_px": int(outer.sum())}
+        self.shape, self.color = expected.shape, color_hex
+        h, w = expected.shape
+        usable = np.ones_like(expected)
+        usable[h - GUTTER_PX:, :] = False
+        usable[:GUTTER_PX, :GUTTER_PX] = False
+        self.inner = ndimage.binary_erosion(expected, iterations=INSIDE_MARGIN_PX) & usable
+        self.outer = ~ndimage.binary_dilation(expected, iterations=OUTSIDE_MARGIN_PX) & usable
+        self.expected_px = int(expected.sum())
+
+    def agreement(self, image: np.ndarray) -> dict:
+        """inside: fraction of pixels well inside the projection that show the colour (want ~1);
+        outside: fraction of pixels well away from it that show the colour (want ~0)."""
+        if image.shape[:2] != self.shape:
+            raise ValueError(f"screenshot {image.shape[:2]} and view {self.shape} differ in size")
+        colour = tinted(image, self.color)
+        return {"inside": float(colour[self.inner].mean()) if self.inner.any() else float("nan"),
+                "inside_px": int(self.inner.sum()), "expected_px": self.expected_px,
+                "outside": float(colour[self.outer].mean()) if self.outer.any() else 0.0,
+                "outside_px": int(self.outer.sum())}
+
+    def matches(self, image: np.ndarray, inside_min: float = 0.97, outside_max: float = 0.01) -> bool:
+        got = self.agreement(image)
+        return (got["inside_px"] == 0 or got["inside"] >= inside_min) and got["outside"] <= outside_max
+
+
+def overlay_check(state: dict, segment_id: str, view: str = "Red") -> OverlayCheck:
+    """The check for one segment from a status?masks=1 answer."""
+    seg = next(s for s in state["segments"] if s["id"] == segment_id)
+    return OverlayCheck(project(state, segment_mask(seg), view), seg["color"])
