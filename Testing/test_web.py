@@ -26,6 +26,7 @@ MIDDLE = SLICES // 2
 GREEN, MAGENTA = "#00ff00", "#ff00ff"  # vivid: easy to tell from grey CT through JPEG
 VIEWPORT = {"width": 1280, "height": 800}
 INSIDE_MIN, OUTSIDE_MAX = 0.97, 0.01
+UPLOAD_MB = 2  # the 15-slice crop is 0.5 MB
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def site(tmp_path_factory, random_checkpoint, ct_path):
     output = folder / "result.seg.nrrd"
     server = web.WebServer([volume, "--model", "sam2.1_hiera_tiny", "--checkpoint", random_checkpoint,
                             "--device", "cpu", "--image-size", "256", "--output", output,
-                            "--page-token-file", token_file], log_dir=folder)
+                            "--page-token-file", token_file, "--max-upload-mb", UPLOAD_MB], log_dir=folder)
     server.start()
     try:
         yield {"server": server, "url": server.url, "output": output, "volume": volume}
@@ -375,3 +376,39 @@ def test_cancel_stops_a_propagation_and_keeps_the_finished_slices(site, page, ri
     assert "Cancelled" in state["message"]
     time.sleep(0.5)
     assert web.status(page, url)["can_undo"]
+
+
+def test_a_click_outside_the_volume_is_explained_on_the_page(site, page):
+    url = site["url"]
+    fresh_segment(page, url, GREEN)
+    choose_tool(page, "Include point")
+    show_slice(page, url, MIDDLE)
+    state = web.status(page, url)
+    left_edge = min(web.ijk_to_view_point(state, (i, 64, MIDDLE))[0] for i in (-0.5, 127.5))
+    assert left_edge > 40, "the view is wider than the image: there is a margin to click in"
+    left_of_image, y = left_edge / 2, state["views"]["Red"]["size"][1] / 2
+    red(page).click(position={"x": left_of_image, "y": y})
+    alert = page.get_by_role("alert")
+    alert.wait_for(timeout=30_000)
+    assert "outside" in alert.inner_text() and "Place it on the volume's image" in alert.inner_text()
+    assert not web.wait_idle(page, url)["segments"][0]["voxels_per_slice"]
+
+
+def test_opening_a_volume_from_the_page_replaces_the_scene(site, page, ct_path, tmp_path):
+    import SimpleITK as sitk
+
+    url = site["url"]
+    other = tmp_path / "upper.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct_path))[:, :, 20:29], str(other))
+    big = tmp_path / "big.nrrd"
+    big.write_bytes(b"0" * (UPLOAD_MB + 1) * 1024 * 1024)
+    page.set_input_files("#medsam2-open", str(big))
+    page.get_by_role("alert").filter(has_text="upload limit").wait_for(timeout=30_000)
+    assert web.status(page, url)["volume"]["name"] == "chest"  # refused: nothing changed
+    page.set_input_files("#medsam2-open", str(other))
+    state = web.wait_until(lambda: (s := web.status(page, url))["volume"]["name"] == "upper" and s, 60,
+                           what="the opened volume")
+    assert state["volume"]["dims"] == [128, 128, 9]
+    assert [s["voxels_per_slice"] for s in state["segments"]] == [{}]  # one new, empty segment
+    assert page.get_by_text("MedSAM2 - upper").is_visible()
+    assert abs(red_slice(state) - 4) < 1e-3  # its middle slice

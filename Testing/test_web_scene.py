@@ -106,3 +106,17 @@ def test_colours_and_names_are_checked():
     scene.remove_segment(segmentation, segment_id)
     with pytest.raises(InputError, match="no segment"):
         scene.remove_segment(segmentation, segment_id)
+
+
+def test_a_dicom_series_folder_opens_where_the_scanner_put_it(tmp_path, ct_path):
+    import SimpleITK as sitk
+    from test_cli_segment import _write_dicom_series
+
+    from MedSAM2Web import scene
+
+    slab = sitk.ReadImage(str(ct_path))[16:112, 24:104, 14:18]
+    _write_dicom_series(slab, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.77")
+    loaded = scene.load_volume(sf.new_scene(), tmp_path / "dicom")
+    assert loaded.node.GetImageData().GetDimensions() == slab.GetSize()
+    lps = slab.TransformIndexToPhysicalPoint((5, 7, 3))
+    np.testing.assert_allclose(sf.ijk_to_ras(loaded.node, (5, 7, 3)), (-lps[0], -lps[1], lps[2]), atol=1e-3)

@@ -104,6 +104,22 @@ def test_poll_runs_one_engine_step_at_a_time_and_cancel_keeps_the_finished_slice
     assert seg.redo() and filled(scene, segmentation, segment_id, volume) == done
 
 
+def test_up_within_a_slice_range_stays_there(local):
+    """The page's direction and slice-range controls reach the propagation ('up' = along the view normal)."""
+    seg, rec = local
+    scene, volume, segmentation, segment_id, _ = scene_with_blob()
+    seg.select(volume, segmentation, segment_id)
+    seg.place_point(sf.ijk_to_ras(volume, CENTER[::-1]), AXIAL)
+    seg.propagate("up", slice_range=(CENTER[0] - 3, CENTER[0] + 2))
+    run_until_idle(seg)
+    assert rec.errors == []
+    up = filled(scene, segmentation, segment_id, volume)
+    assert up == set(range(CENTER[0], CENTER[0] + 3))  # volume k grows along +S here: up is k + 1, k + 2
+    seg.propagate("down", slice_range=(CENTER[0] - 1, CENTER[0] + 2))
+    run_until_idle(seg)
+    assert filled(scene, segmentation, segment_id, volume) == up | {CENTER[0] - 1}
+
+
 def test_errors_come_back_as_messages_and_the_next_action_still_runs(local):
     seg, rec = local
     scene, volume, segmentation, segment_id, _ = scene_with_blob()
