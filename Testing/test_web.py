@@ -213,6 +213,10 @@ def test_without_the_token_the_page_is_a_login_prompt_and_no_image_data_arrives(
         # nothing else answers either: the view stream's websocket, the status, the download
         for path in ("ws", "medsam2/status", "medsam2/download", "index.html"):
             assert page.request.get(site["url"] + path).status == 401, path
+        # another web site cannot use the user's browser against the page, nor can a DNS name rebound to 127.0.0.1
+        assert page.request.get(site["url"] + "medsam2/status", headers={"Origin": "http://evil.example"}).status == 403
+        port = site["url"].rstrip("/").rsplit(":", 1)[1]
+        assert page.request.get(site["url"], headers={"Host": f"evil.example:{port}"}).status == 403
         # the same browser with the right token gets the views (the gate is not simply closed)
         web.login(page, site["url"], TOKEN)
         page.locator('[data-view="Red"]').wait_for(timeout=60_000)

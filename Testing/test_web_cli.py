@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ def test_a_verb_from_an_installed_entry_point_runs(tmp_path):
     (["--port", "0"], "--port 0: must be 1..65535"),
     (["--checkpoint", "missing.pt"], "--checkpoint missing.pt: no such file"),
     (["--server", "http://gpu:8765", "--checkpoint", "VOLUME"], "drop --checkpoint"),
+    (["--public-url", "medsam2.example.org"], "give the full address"),
 ])
 def test_bad_arguments_are_refused_before_anything_loads(tmp_path, monkeypatch, capsys, args, message):
     from medsam2 import cli
@@ -118,3 +120,49 @@ def test_imports_point_down_only():
     users = {p.name for p in (PACKAGES / "MedSAM2Web").rglob("*.py")
              if any(m.split(".")[0] == "MedSAM2Lib" for m in _imports(p))}
     assert users == {"segmenter.py"}, users
+
+
+def test_an_unreadable_volume_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "ct.nrrd"
+    bad.write_text("not an image")
+    start = time.monotonic()
+    out = run_cli("web", bad, "--output", tmp_path / "o.seg.nrrd", "--port", "9")  # default model: not cached
+    assert out.returncode == 1 and "SimpleITK cannot read this file" in out.stderr, out.stderr
+    assert "RANDOM" not in out.stderr and "download" not in out.stderr.lower()
+    assert time.monotonic() - start < 60
+
+
+def test_the_same_origin_guard_on_a_real_aiohttp_server():
+    """Cross-site requests and DNS-rebound host names are refused; the page's own requests pass."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from MedSAM2Web.access import SameOriginGuard
+
+    async def page(request):
+        return web.Response(text="page")
+
+    async def scenario(guard):
+        app = web.Application()
+        guard.install(app)
+        app.router.add_get("/", page)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            own = f"127.0.0.1:{client.port}"
+            codes = {}
+            for name, headers in {
+                "plain": {}, "own origin": {"Origin": f"http://{own}"},
+                "foreign origin": {"Origin": "http://evil.example"},
+                "rebound host": {"Host": f"evil.example:{client.port}"},
+                "proxied": {"Host": "medsam2.example.org", "Origin": "https://medsam2.example.org"},
+            }.items():
+                codes[name] = (await client.get("/", headers=headers)).status
+            return codes
+
+    loopback = asyncio.run(scenario(SameOriginGuard(loopback_only=True)))
+    assert loopback == {"plain": 200, "own origin": 200, "foreign origin": 403, "rebound host": 403, "proxied": 403}
+    behind_proxy = asyncio.run(scenario(SameOriginGuard(True, public_url="https://medsam2.example.org/")))
+    assert behind_proxy["proxied"] == 200 and behind_proxy["rebound host"] == 403
+    anywhere = asyncio.run(scenario(SameOriginGuard(loopback_only=False)))
+    assert anywhere["rebound host"] == 200 and anywhere["foreign origin"] == 403

@@ -120,6 +120,19 @@ def test_up_within_a_slice_range_stays_there(local):
     assert filled(scene, segmentation, segment_id, volume) == up | {CENTER[0] - 1}
 
 
+def test_an_action_stays_with_the_segment_it_was_asked_for(local):
+    """A click queued behind a running action still goes to the segment selected at the click."""
+    seg, rec = local
+    scene, volume, segmentation, first, second = scene_with_blob()
+    seg.select(volume, segmentation, first)
+    seg.place_point(sf.ijk_to_ras(volume, CENTER[::-1]), AXIAL)
+    seg.select(volume, segmentation, second)  # the user picks another segment before it ran
+    run_until_idle(seg)
+    assert filled(scene, segmentation, first, volume) == {CENTER[0]}
+    assert filled(scene, segmentation, second, volume) == set()
+    assert seg.last_prompt["segment"] == first and not seg.can_undo  # the second segment has nothing to undo
+
+
 def test_errors_come_back_as_messages_and_the_next_action_still_runs(local):
     seg, rec = local
     scene, volume, segmentation, segment_id, _ = scene_with_blob()

@@ -1,10 +1,15 @@
-"""Who may see the page: with a token, every request (page, scripts, the view stream's websocket,
-the status and download endpoints) needs a session cookie that only a correct token buys.
+"""Who may see the page.
 
-Without the cookie the server answers a login form (or 401) and nothing else, so no image data
-reaches a browser that has not given the token. The token is compared in constant time, never
-logged, and a wrong one costs the client a short wait. Sessions live in memory (a bounded set):
-restarting the server logs everyone out.
+AccessGate: with a token, every request (page, scripts, the view stream's websocket, the status
+and download endpoints) needs a session cookie that only a correct token buys. Without the cookie
+the server answers a login form (or 401) and nothing else, so no image data reaches a browser that
+has not given the token. The token is compared in constant time, never logged, and a wrong one
+costs the client a short wait. Sessions live in memory (a bounded set): a restart logs everyone out.
+
+SameOriginGuard, always on: another web site open in the same browser must not drive the page or
+read its images through the user's own connection. Requests that carry an Origin (scripts,
+websockets, form posts) must come from the page's own origin; and a server on loopback answers only
+to loopback host names, so a hostile DNS name pointed at 127.0.0.1 (DNS rebinding) gets nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hmac
 import html
 import secrets
 from collections import OrderedDict
+from urllib.parse import urlsplit
 
 COOKIE = "medsam2_session"
 LOGIN_PATH = "/medsam2/login"
@@ -96,3 +102,44 @@ class AccessGate:
         response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(COOKIE, session, httponly=True, samesite="Strict", path="/")
         return response
+
+
+class SameOriginGuard:
+    """aiohttp middleware: refuse cross-origin requests, and foreign Host names on loopback.
+
+    public_url: the address browsers use when a reverse proxy (TLS) stands in front; its host and
+    origin are accepted too.
+    """
+
+    def __init__(self, loopback_only: bool, public_url: str | None = None):
+        self.loopback_only = loopback_only
+        self.public = urlsplit(public_url).netloc.lower() if public_url else None
+
+    def install(self, app) -> None:
+        app.middlewares.insert(0, self.middleware)  # before the gate: a foreign site learns nothing
+
+    def refusal(self, request) -> str | None:
+        """Why this request is refused, or None."""
+        from medsam2.cli.serve import is_loopback
+
+        host = (request.host or "").lower()
+        if self.loopback_only and host != self.public and not is_loopback(urlsplit(f"//{host}").hostname or ""):
+            return (f"This server answers only to this machine's own address, not to {host!r} (behind a "
+                    "reverse proxy, start it with --public-url).")
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() not in (host, self.public):
+            return "Requests from another web site are refused."
+        return None
+
+    @property
+    def middleware(self):
+        from aiohttp import web
+
+        @web.middleware
+        async def guard(request, handler):
+            reason = self.refusal(request)
+            if reason is not None:
+                return web.Response(status=403, text=reason)
+            return await handler(request)
+
+        return guard

@@ -105,7 +105,13 @@ class WebApp:
     # --- volume ------------------------------------------------------------------------------
     def open_volume(self, path, series=None) -> None:
         """Show a volume (file or DICOM folder) with one empty segment; replaces the current one."""
-        loaded = scene.load_volume(self.slicer.scene, path, series)  # raises before anything changes
+        from medsam2.io.volume_io import read_volume
+
+        self.show_volume(read_volume(path, series), scene.volume_name(path))  # raises before anything changes
+
+    def show_volume(self, volume, name: str) -> None:
+        """Show a read volume (medsam2.io.volume_io.Volume) with one empty segment, replacing the current one."""
+        loaded = scene.add_volume(self.slicer.scene, volume, name)
         self.segmenter.close_sessions()
         for node in (self.segmentation, self.loaded.node if self.loaded else None):
             if node is not None:
@@ -269,10 +275,13 @@ class WebApp:
         while True:
             # while an action runs, only yield to the loop (renders, clicks) between engine steps
             await asyncio.sleep(BUSY_INTERVAL_S if self.segmenter.busy else POLL_INTERVAL_S)
-            with self.state:
-                was_busy = self.state.busy
-                if self.segmenter.poll() or was_busy != self.segmenter.busy:
-                    self._refresh()
+            try:
+                with self.state:
+                    was_busy = self.state.busy
+                    if self.segmenter.poll() or was_busy != self.segmenter.busy:
+                        self._refresh()
+            except Exception:  # the timer must survive anything: the page would freeze
+                log.exception("MedSAM2 web: poll failed")
 
     def shutdown(self) -> None:
         if self._poll_task is not None:

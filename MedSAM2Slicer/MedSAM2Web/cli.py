@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
                         "listen beyond loopback")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening beyond loopback without a page token (a trusted, isolated network only)")
+    p.add_argument("--public-url", metavar="URL",
+                   help="the address browsers use when a reverse proxy (e.g. TLS) stands in front, e.g. "
+                        "https://medsam2.example.org/ (requests naming it are accepted)")
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, metavar="N",
                    help=f"largest volume the page may upload, in MiB (default {DEFAULT_MAX_UPLOAD_MB:g})")
 
@@ -72,6 +75,12 @@ def check_arguments(args):
         raise InputError(f"--port {args.port}: must be 1..65535")
     if args.max_upload_mb <= 0:
         raise InputError("--max-upload-mb must be positive")
+    if args.public_url is not None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(args.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InputError(f"--public-url {args.public_url}: give the full address, e.g. https://medsam2.example.org/")
     if args.volume is not None and not os.path.exists(args.volume):
         raise InputError(f"{args.volume}: no such file or folder (VOLUME must be a NIfTI/NRRD/MHA file or a DICOM folder)")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
@@ -112,12 +121,19 @@ def run(args) -> int:
     from trame.app import get_server
 
     from medsam2.cli.common import random_weights_banner
+    from medsam2.cli.serve import is_loopback
 
     from . import routes
-    from .access import AccessGate
+    from .access import AccessGate, SameOriginGuard
     from .app import WebApp
+    from .scene import volume_name
     from .segmenter import EngineSettings
 
+    volume = None
+    if args.volume is not None:  # a file that cannot be read fails now, before the model loads
+        from medsam2.io.volume_io import read_volume
+
+        volume = read_volume(args.volume, args.series)
     settings = EngineSettings(model=args.model, checkpoint=args.checkpoint, device=args.device,
                               image_size=args.image_size, server_url=args.server, token=server_token,
                               memory=args.memory)
@@ -125,13 +141,15 @@ def run(args) -> int:
     web_app = WebApp(server, settings, output)
     if web_app.segmenter.weights_are_random:
         random_weights_banner("masks")
-    if args.volume is not None:
-        web_app.open_volume(args.volume, args.series)
+    if volume is not None:
+        web_app.show_volume(volume, volume_name(args.volume))
     gate = AccessGate(page_token)
+    guard = SameOriginGuard(loopback_only=is_loopback(args.host), public_url=args.public_url)
     url = page_url(args.host, args.port)
 
     def bind(wslink_server):
         gate.install(wslink_server.app)
+        guard.install(wslink_server.app)
         routes.install(wslink_server.app, web_app, args.max_upload_mb)
 
     server.controller.on_server_bind.add(bind)

@@ -47,8 +47,7 @@ def volume_name(path) -> str:
 
 def load_volume(scene, path, series=None) -> LoadedVolume:
     """Read a volume file or DICOM series folder into a scalar volume node (raises InputError)."""
-    volume = volume_io.read_volume(path, series=series)
-    return add_volume(scene, volume, volume_name(path))
+    return add_volume(scene, volume_io.read_volume(path, series=series), volume_name(path))
 
 
 def add_volume(scene, volume: volume_io.Volume, name: str) -> LoadedVolume:

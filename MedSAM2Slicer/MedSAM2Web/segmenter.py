@@ -121,8 +121,9 @@ class Segmenter:
         if session is not None:
             session.close()
 
-    def _current_session(self, create=True):
-        volume_node, segmentation_node, segment_id = self._selection
+    def _current_session(self, create=True, target=None):
+        """The session of `target` (volume, segmentation, segment ID), by default the selection."""
+        volume_node, segmentation_node, segment_id = target or self._selection
         session = self._sessions.get(segment_id)
         if session is None and create:
             from MedSAM2Lib import SegmentationSession
@@ -135,19 +136,20 @@ class Segmenter:
         return session
 
     # --- actions (queued; poll() runs them) -------------------------------------------------
+    # Each action is bound to the segment selected when it is asked for, not when it starts.
     def place_point(self, ras, slice_normal, include: bool = True) -> None:
         kind = "include point" if include else "exclude point"
-        self._queue.append(self._prompt(kind, lambda s: s.prepare_point(ras, include, slice_normal)))
+        self._queue.append(self._prompt(kind, self._selection, lambda s: s.prepare_point(ras, include, slice_normal)))
 
     def place_box(self, ras_a, ras_b, slice_normal) -> None:
-        self._queue.append(self._prompt("box", lambda s: s.prepare_box(ras_a, ras_b, slice_normal)))
+        self._queue.append(self._prompt("box", self._selection, lambda s: s.prepare_box(ras_a, ras_b, slice_normal)))
 
     def propagate(self, direction: str = "both", slice_range=None, slice_normal=None) -> None:
-        self._queue.append(self._propagation(direction, None, slice_range, slice_normal))
+        self._queue.append(self._propagation(self._selection, direction, None, slice_range, slice_normal))
 
     def refine(self, ras, slice_normal, slice_range=None) -> None:
         """Propagate both ways from the slice through `ras` (after correcting it with prompts)."""
-        self._queue.append(self._propagation("both", ras, slice_range, slice_normal))
+        self._queue.append(self._propagation(self._selection, "both", ras, slice_range, slice_normal))
 
     def undo(self) -> bool:
         return self._undo_redo("undo")
@@ -208,8 +210,8 @@ class Segmenter:
         if not self._queue:
             self._progress = None
 
-    def _prompt(self, kind, prepare):
-        session = self._current_session()
+    def _prompt(self, kind, target, prepare):
+        session = self._current_session(target=target)
         job = prepare(session)
         self._progress = Progress(f"{kind}: segmenting the slice", 0, 1)
         yield
@@ -219,10 +221,11 @@ class Segmenter:
             action = job.commit()  # also forgets the prompt after an engine error
         if action is not None:
             self.prompt_count += 1
-            self.last_prompt = {"number": self.prompt_count, **self._describe_prompt(session, action, kind)}
+            self.last_prompt = {"number": self.prompt_count, "segment": target[2],
+                                **self._describe_prompt(session, action, kind)}
 
-    def _propagation(self, direction, start_ras, slice_range, slice_normal):
-        session = self._current_session()
+    def _propagation(self, target, direction, start_ras, slice_range, slice_normal):
+        session = self._current_session(target=target)
         start = session.frame_index(start_ras, slice_normal) if start_ras is not None else None
         job = session.prepare_propagation(direction, start, slice_range, slice_normal)
         what = "refining" if start is not None else f"propagating ({direction})"
@@ -248,7 +251,7 @@ class Segmenter:
         def ijk(x, y):
             return [float(v) for v in layout.frame_to_ijk(prompt.frame, x, y)]
 
-        out = {"kind": kind, "segment": self._selection[2], "axis": int(action.axis), "frame": int(prompt.frame),
+        out = {"kind": kind, "axis": int(action.axis), "frame": int(prompt.frame),
                "changed_frames": [int(f) for f in action.frames]}
         if prompt.points is not None:
             out["points"] = [{"ijk": ijk(x, y), "label": int(label)} for (x, y), label in zip(prompt.points, prompt.labels)]
