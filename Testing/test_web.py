@@ -378,6 +378,7 @@ def test_cancel_stops_a_propagation_and_keeps_the_finished_slices(site, page, ri
     done = {int(k) for k in segment(state, segment_id)["voxels_per_slice"]}
     assert MIDDLE in done and 1 < len(done) < SLICES, done
     assert "Cancelled" in state["message"]
+    page.get_by_role("status").filter(has_text="Cancelled after").wait_for(timeout=10_000)  # the page says so
     time.sleep(0.5)
     assert web.status(page, url)["can_undo"]
 
@@ -392,7 +393,7 @@ def test_a_click_outside_the_volume_is_explained_on_the_page(site, page):
     assert left_edge > 40, "the view is wider than the image: there is a margin to click in"
     left_of_image, y = left_edge / 2, state["views"]["Red"]["size"][1] / 2
     red(page).click(position={"x": left_of_image, "y": y})
-    alert = page.get_by_role("alert")
+    alert = page.get_by_role("alert").filter(has_text="outside")
     alert.wait_for(timeout=30_000)
     assert "outside" in alert.inner_text() and "Place it on the volume's image" in alert.inner_text()
     assert not web.wait_idle(page, url)["segments"][0]["voxels_per_slice"]

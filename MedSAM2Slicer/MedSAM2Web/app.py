@@ -194,7 +194,7 @@ class WebApp:
             return False
         if not self.state.segment_id:
             self.add_segment()
-        self.state.error = ""
+        self.state.error = self.state.message = ""  # a new action: the last one's news is old
         return True
 
     def place_point(self, ras, normal, view_name: str, include: bool) -> None:

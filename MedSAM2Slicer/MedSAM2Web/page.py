@@ -209,5 +209,5 @@ def _messages():
     v3.VAlert(v_if=("error",), text=("error",), type="error", density="compact", closable=True,
               click_close="error = ''", raw_attrs=['role="alert"'])
     v3.VAlert(v_if=("message",), text=("message",), type="info", density="compact", closable=True,
-              click_close="message = ''")
+              click_close="message = ''", raw_attrs=['role="status"'])  # news, not an error
     html.Div("Keys: " + ", ".join(f"{k} {what}" for k, what in SHORTCUTS), classes="text-caption text-disabled")
