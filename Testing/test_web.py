@@ -89,15 +89,16 @@ def red(page):
     return page.locator('[data-view="Red"]')
 
 
-def wait_view_sized(page, url):
-    """Until the server's Red view has the size the page gives it (the page reports it once shown)."""
-    red(page).wait_for(timeout=60_000)
+def wait_view_sized(page, url, view="Red"):
+    """Until the server's view has the size the page gives it (the page reports it once shown)."""
+    element = page.locator(f'[data-view="{view}"]')
+    element.wait_for(timeout=60_000)
 
     def sized():
-        box = red(page).bounding_box()
-        return web.status(page, url)["views"]["Red"]["size"] == [round(box["width"]), round(box["height"])]
+        views = web.status(page, url)["views"]
+        return view in views and views[view]["size"] == web.view_size_on_page(element)
 
-    web.wait_until(sized, 30, what="the Red view to take its size on the page")
+    web.wait_until(sized, 30, what=f"the {view} view to take its size on the page")
 
 
 def button(page, name):
@@ -371,8 +372,7 @@ def test_cancel_stops_a_propagation_and_keeps_the_finished_slices(site, page, ri
     page.keyboard.press("Shift+P")
     cancel = button(page, "Cancel")
     cancel.wait_for(timeout=30_000)
-    web.wait_until(lambda: page.get_by_role("progressbar", name="Progress").get_attribute("aria-valuenow") not in
-                   (None, "0"), 60, what="the first propagated slice")
+    web.wait_until(lambda: len(filled_slices(page, url, segment_id)) >= 2, 60, what="a propagated slice")
     cancel.click()
     state = web.wait_idle(page, url)
     done = {int(k) for k in segment(state, segment_id)["voxels_per_slice"]}
@@ -397,6 +397,37 @@ def test_a_click_outside_the_volume_is_explained_on_the_page(site, page):
     alert.wait_for(timeout=30_000)
     assert "outside" in alert.inner_text() and "Place it on the volume's image" in alert.inner_text()
     assert not web.wait_idle(page, url)["segments"][0]["voxels_per_slice"]
+    alert.get_by_role("button", name="Close").click()  # the user reads it and closes it
+    web.wait_until(lambda: web.status(page, url)["error"] == "", 10, what="the alert to close")
+    assert page.get_by_role("alert").count() == 0
+
+
+def test_the_three_view_layout_and_a_click_in_the_coronal_view(site, page, right_lung_voxel):
+    url = site["url"]
+    segment_id = fresh_segment(page, url, GREEN)
+    choose_tool(page, "Include point")
+    page.get_by_label("Layout").click(force=True)  # the shown value covers the field
+    page.get_by_role("option", name="Three over one").click()
+    green = page.locator('[data-view="Green"]')
+    wait_view_sized(page, url, "Green")
+    state = web.status(page, url)
+    ras_to_ijk = np.linalg.inv(np.asarray(state["volume"]["ijk_to_ras"]))
+    j = round((ras_to_ijk @ np.append(state["views"]["Green"]["center"], 1.0))[1])  # the coronal slice shown
+    target = (right_lung_voxel[0], j, MIDDLE)
+    before = prompt_number(page, url)
+    x, y = web.ijk_to_view_point(state, target, view="Green")
+    green.click(position={"x": x, "y": y})
+    state = wait_prompt(page, url, before)
+    prompt = state["last_prompt"]
+    assert prompt["axis"] == 1 and prompt["segment"] == segment_id  # frames along J: coronal
+    assert np.max(np.abs(np.asarray(prompt["points"][0]["ijk"]) - target)) <= 1.0
+    state = web.status(page, url, masks=True)
+    check = web.overlay_check(state, segment_id, view="Green")
+    web.wait_until(lambda: check.matches(web.screenshot_rgb(green), INSIDE_MIN, OUTSIDE_MAX), 30,
+                   interval=0.3, what="the overlay in the coronal view")
+    page.get_by_label("Layout").click(force=True)
+    page.get_by_role("option", name="Red slice only").click()
+    wait_view_sized(page, url)
 
 
 def test_opening_a_volume_from_the_page_replaces_the_scene(site, page, ct_path, tmp_path):

@@ -7,7 +7,6 @@ import pytest
 
 import slicer_fixtures as sf
 
-pytest.importorskip("trame_slicer", reason="the web extra is not installed (pip install -e '.[web]')")
 
 
 def test_a_loaded_volume_sits_where_simpleitk_puts_it(ct_path):

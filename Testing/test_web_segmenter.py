@@ -15,7 +15,6 @@ import pytest
 
 import slicer_fixtures as sf
 
-pytest.importorskip("trame_slicer", reason="the web extra is not installed (pip install -e '.[web]')")
 warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
 
 AXIAL = (0.0, 0.0, 1.0)

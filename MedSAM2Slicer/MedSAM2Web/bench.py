@@ -193,8 +193,7 @@ def main(argv=None) -> int:
             page.goto(server.url)
             bench = Page(page, server.url)
             bench.view.wait_for(timeout=60_000)
-            web.wait_until(lambda: bench.status()["views"]["Red"]["size"] == [
-                round(bench.view.bounding_box()["width"]), round(bench.view.bounding_box()["height"])], 30)
+            web.wait_until(lambda: bench.status()["views"]["Red"]["size"] == web.view_size_on_page(bench.view), 30)
             page_runs = measure_page(bench, args)
             if args.screenshot:  # the last propagation, in all three views
                 bench.button("Redo").click()

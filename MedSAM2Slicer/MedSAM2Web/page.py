@@ -73,6 +73,8 @@ def build(app) -> VAppLayout:
     with VAppLayout(app.server, theme="dark") as layout:
         client.Script(KEYS_SCRIPT % keys)
         client.Script(OPEN_SCRIPT)
+        # the panel scrolls inside itself; a page scroll bar coming and going would resize the views
+        client.Style("html { overflow: hidden; }")
         _app_bar(app)
         with v3.VNavigationDrawer(permanent=True, width=DRAWER_WIDTH, raw_attrs=aria("MedSAM2 panel")):
             with html.Div(classes="pa-3 d-flex flex-column ga-3"):

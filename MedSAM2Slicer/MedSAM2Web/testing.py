@@ -170,6 +170,12 @@ def ijk_to_view_point(state: dict, ijk, view: str = "Red") -> tuple[float, float
     return float(x) + 0.5, float(h - 1 - y) + 0.5
 
 
+def view_size_on_page(locator) -> list[int]:
+    """The size a view element gives its image: whole pixels (an element can be 248.67 px high)."""
+    box = locator.bounding_box()
+    return [int(box["width"]), int(box["height"])]
+
+
 def screenshot_rgb(locator) -> np.ndarray:
     from PIL import Image
 
@@ -205,8 +211,10 @@ class OverlayCheck:
     def agreement(self, image: np.ndarray) -> dict:
         """inside: fraction of pixels well inside the projection that show the colour (want ~1);
         outside: fraction of pixels well away from it that show the colour (want ~0)."""
-        if image.shape[:2] != self.shape:
+        h, w = self.shape
+        if not (0 <= image.shape[0] - h <= 1 and 0 <= image.shape[1] - w <= 1):
             raise ValueError(f"screenshot {image.shape[:2]} and view {self.shape} differ in size")
+        image = image[:h, :w]  # an element of fractional size screenshots one pixel larger
         colour = tinted(image, self.color)
         return {"inside": float(colour[self.inner].mean()) if self.inner.any() else float("nan"),
                 "inside_px": int(self.inner.sum()), "expected_px": self.expected_px,
