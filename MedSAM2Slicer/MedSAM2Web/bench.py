@@ -8,7 +8,9 @@ Starts `medsam2 web` on 127.0.0.1 with a crop of slicerio's chest CT (random wei
 drives Debian's Chromium with Playwright and prints a table. Each time runs from the mouse event
 (or button press) until the page's view image shows the result, checked the way the browser tests
 check it (segment colour where its voxels project); "server" is the part until the server had the
-result in the scene, from its status endpoint. Needs the [web] and [test] extras.
+result in the scene, from its status endpoint. "engine alone" runs the same actions on the same
+adapter in this process without a page, alternating with the page's runs so that the machine's
+other load falls on both alike. Needs the [web] and [test] extras.
 """
 
 from __future__ import annotations
@@ -92,80 +94,86 @@ ROWS = ("first click on a new segment (opens its engine session, encodes the sli
 PROMPT_IJK = (84, 64)  # the right lung of the chest CT, on the middle slice
 
 
-def measure_page(page: Page, args) -> dict:
-    """{row: [(server s, page s), ...]} through the browser."""
-    state = page.status()
-    middle = state["volume"]["dims"][2] // 2
-    x, y = web.ijk_to_view_point(state, (*PROMPT_IJK, middle))
-    runs = {row: [] for row in ROWS}
+class PageRun:
+    """One run of the actions through the browser: {row: (server s, page s)}."""
 
-    def prompt_taken(after):
-        def taken():
-            s = page.status()
-            return not s["busy"] and s["last_prompt"] and s["last_prompt"]["number"] > after
-        return taken
+    def __init__(self, page: Page):
+        self.page = page
+        state = page.status()
+        self.x, self.y = web.ijk_to_view_point(state, (*PROMPT_IJK, state["volume"]["dims"][2] // 2))
 
-    def filled():
-        return len(page.status()["segments"][0]["voxels_per_slice"])
+    def __call__(self) -> dict:
+        page, x, y = self.page, self.x, self.y
 
-    for _ in range(args.repeat):
+        def prompt_taken(after):
+            def taken():
+                s = page.status()
+                return not s["busy"] and s["last_prompt"] and s["last_prompt"]["number"] > after
+            return taken
+
+        def filled():
+            return len(page.status()["segments"][0]["voxels_per_slice"])
+
         segment_id = page.new_segment()
         if page.button("Include point").get_attribute("aria-pressed") != "true":
             page.button("Include point").click()
         n = (page.status()["last_prompt"] or {"number": 0})["number"]
-        runs[ROWS[0]].append(
-            page.timed(lambda: page.view.click(position={"x": x, "y": y}), prompt_taken(n), segment_id))
+        out = {ROWS[0]: page.timed(lambda: page.view.click(position={"x": x, "y": y}), prompt_taken(n), segment_id)}
         page.button("Exclude point").click()
-        runs[ROWS[1]].append(page.timed(lambda: page.view.click(position={"x": x + 40, "y": y + 40}),
-                                        prompt_taken(n + 1), segment_id))
+        out[ROWS[1]] = page.timed(lambda: page.view.click(position={"x": x + 40, "y": y + 40}), prompt_taken(n + 1),
+                                  segment_id)
         page.button("Include point").click()
         one = filled()
-        runs[ROWS[2]].append(page.timed(lambda: page.button("Propagate").click(),
-                                        lambda: not page.status()["busy"] and filled() > one, segment_id))
-        runs[ROWS[3]].append(page.timed(lambda: page.button("Undo").click(), lambda: filled() == one, segment_id))
-    return runs
+        out[ROWS[2]] = page.timed(lambda: page.button("Propagate").click(),
+                                  lambda: not page.status()["busy"] and filled() > one, segment_id)
+        out[ROWS[3]] = page.timed(lambda: page.button("Undo").click(), lambda: filled() == one, segment_id)
+        return out
 
 
-def measure_engine(volume: Path, checkpoint: str, args) -> dict:
-    """The same actions on the same adapter in this process, without a page: {row: [seconds, ...]}."""
-    import slicer
+class EngineRun:
+    """One run of the same actions on the same adapter in this process, without a page: {row: s}."""
 
-    from . import scene
-    from .segmenter import EngineSettings, Segmenter
+    def __init__(self, volume: Path, checkpoint: str, args):
+        import slicer
 
-    mrml = slicer.vtkMRMLScene()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(mrml)
-    loaded = scene.load_volume(mrml, volume)
-    segmentation = scene.new_segmentation(mrml, loaded.node)
-    seg = Segmenter(EngineSettings(model=args.model, checkpoint=checkpoint, device=args.device,
-                                   image_size=args.image_size))
-    seg.start()
-    k = loaded.volume.array.shape[0] // 2
-    ras = _ijk_to_ras(loaded.node, (*PROMPT_IJK, k))
-    other = _ijk_to_ras(loaded.node, (PROMPT_IJK[0] - 7, PROMPT_IJK[1] + 7, k))  # about where the page's is
-    runs = {row: [] for row in ROWS}
+        from . import scene
+        from .segmenter import EngineSettings, Segmenter
 
-    def timed(act):
+        self.scene = scene
+        self.mrml = slicer.vtkMRMLScene()
+        self._logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        self._logic.SetMRMLScene(self.mrml)
+        self.loaded = scene.load_volume(self.mrml, volume)
+        self.segmentation = scene.new_segmentation(self.mrml, self.loaded.node)
+        self.seg = Segmenter(EngineSettings(model=args.model, checkpoint=checkpoint, device=args.device,
+                                            image_size=args.image_size))
+        self.seg.start()
+        k = self.loaded.volume.array.shape[0] // 2
+        self.ras = _ijk_to_ras(self.loaded.node, (*PROMPT_IJK, k))
+        self.other = _ijk_to_ras(self.loaded.node, (PROMPT_IJK[0] - 7, PROMPT_IJK[1] + 7, k))  # near the page's
+        self.previous = None
+
+    def _timed(self, act):
         start = time.perf_counter()
         act()
-        while seg.busy:
-            seg.poll()
+        while self.seg.busy:
+            self.seg.poll()
         return time.perf_counter() - start
 
-    previous = None
-    for _ in range(args.repeat):  # as on the page: the previous segment is deleted, a new one added
-        if previous is not None:
-            scene.remove_segment(segmentation, previous)
-            seg.forget_segment(previous)
-        previous = scene.add_segment(segmentation)
-        seg.select(loaded.node, segmentation, previous)
-        runs[ROWS[0]].append(timed(lambda: seg.place_point(ras, (0, 0, 1))))
-        runs[ROWS[1]].append(timed(lambda: seg.place_point(other, (0, 0, 1), include=False)))
-        runs[ROWS[2]].append(timed(lambda: seg.propagate("both")))
-        runs[ROWS[3]].append(timed(seg.undo))
-    seg.shutdown()
-    return runs
+    def __call__(self) -> dict:
+        seg, scene = self.seg, self.scene
+        if self.previous is not None:  # as on the page: the previous segment goes, a new one comes
+            scene.remove_segment(self.segmentation, self.previous)
+            seg.forget_segment(self.previous)
+        self.previous = scene.add_segment(self.segmentation)
+        seg.select(self.loaded.node, self.segmentation, self.previous)
+        return {ROWS[0]: self._timed(lambda: seg.place_point(self.ras, (0, 0, 1))),
+                ROWS[1]: self._timed(lambda: seg.place_point(self.other, (0, 0, 1), include=False)),
+                ROWS[2]: self._timed(lambda: seg.propagate("both")),
+                ROWS[3]: self._timed(seg.undo)}
+
+    def close(self):
+        self.seg.shutdown()
 
 
 def _ijk_to_ras(volume_node, ijk):
@@ -194,7 +202,15 @@ def main(argv=None) -> int:
             bench = Page(page, server.url)
             bench.view.wait_for(timeout=60_000)
             web.wait_until(lambda: bench.status()["views"]["Red"]["size"] == web.view_size_on_page(bench.view), 30)
-            page_runs = measure_page(bench, args)
+            # alternate the two, so that the machine's other load falls on both alike
+            engine, page_run = EngineRun(volume, checkpoint, args), PageRun(bench)
+            engine_runs, page_runs = {row: [] for row in ROWS}, {row: [] for row in ROWS}
+            for _ in range(args.repeat):
+                for row, seconds in engine().items():
+                    engine_runs[row].append(seconds)
+                for row, seconds in page_run().items():
+                    page_runs[row].append(seconds)
+            engine.close()
             if args.screenshot:  # the last propagation, in all three views
                 bench.button("Redo").click()
                 page.wait_for_timeout(1000)
@@ -204,7 +220,6 @@ def main(argv=None) -> int:
                 jpeg = args.screenshot.lower().endswith((".jpg", ".jpeg"))
                 page.screenshot(path=args.screenshot, **({"type": "jpeg", "quality": 85} if jpeg else {}))
             browser.close()
-        engine_runs = measure_engine(volume, checkpoint, args)  # after the server: not competing for the CPU
     print(f"medsam2 web: {args.model} at {args.image_size} px on {args.device}, "
           f"{'random weights' if args.checkpoint is None else args.checkpoint}, chest CT {args.slices} slices x "
           f"128 x 128; server up (model loaded, page answering) in {up:.1f} s; medians\n")
