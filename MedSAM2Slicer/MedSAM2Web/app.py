@@ -46,8 +46,8 @@ class WebApp:
         self.layouts.register_layout_dict(views.layouts())
         self.tools = views.PromptTools(self.place_point, self.place_box)
         for view in self.slicer.view_manager.get_slice_views():
-            # a slice view draws images: trame-slicer's 8x multisampling only costs (15x per frame in
-            # Mesa's software renderer, measured), and every propagated slice redraws the view
+            # a slice view draws images: trame-slicer's 8x multisampling changes nothing visible but
+            # multiplies the cost of each redraw in Mesa's software renderer (every propagated slice)
             view.render_window().SetMultiSamples(0)
             self.tools.attach(view)
             view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
