@@ -44,8 +44,9 @@ def install(app, web_app, max_upload_mb: float) -> None:
             return web.Response(status=400, text=f"{name or 'The file'}: open a {', '.join(VOLUME_SUFFIXES)} file "
                                                  "(a DICOM folder: give it to `medsam2 web` on the command line).")
         limit = int(max_upload_mb * 1024 * 1024)
+        too_large = web.Response(status=413, text=f"{name} is larger than the {max_upload_mb:g} MiB upload limit.")
         if request.content_length is not None and request.content_length > limit:
-            return web.Response(status=413, text=f"{name} is larger than the {max_upload_mb:g} MiB upload limit.")
+            return too_large
         folder = tempfile.mkdtemp(prefix="medsam2-web-")
         path = os.path.join(folder, name)
         try:
@@ -53,8 +54,8 @@ def install(app, web_app, max_upload_mb: float) -> None:
             with open(path, "wb") as f:
                 async for chunk in request.content.iter_chunked(CHUNK):
                     size += len(chunk)
-                    if size > limit:
-                        return web.Response(status=413, text=f"{name} is larger than the {max_upload_mb:g} MiB upload limit.")
+                    if size > limit:  # a body without (or lying about) its length
+                        return too_large
                     f.write(chunk)
             with web_app.state:
                 web_app.open_volume(path)

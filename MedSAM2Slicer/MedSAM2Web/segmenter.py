@@ -254,7 +254,8 @@ class Segmenter:
         out = {"kind": kind, "axis": int(action.axis), "frame": int(prompt.frame),
                "changed_frames": [int(f) for f in action.frames]}
         if prompt.points is not None:
-            out["points"] = [{"ijk": ijk(x, y), "label": int(label)} for (x, y), label in zip(prompt.points, prompt.labels)]
+            out["points"] = [{"ijk": ijk(x, y), "label": int(label)}
+                             for (x, y), label in zip(prompt.points, prompt.labels)]
         if prompt.box is not None:
             x0, y0, x1, y1 = prompt.box
             out["box"] = [ijk(x0, y0), ijk(x1, y1)]
