@@ -91,9 +91,14 @@ def load_model_for_cli(args, meaning: str = "results"):
                                    image_size=args.image_size, precision=getattr(args, "precision", "auto"),
                                    compile=getattr(args, "compile", None) or False)
     if getattr(model, "weights_are_random", False):
-        bar = "*" * 72
-        say(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
-            f"model)\n{bar}")
+        random_weights_banner(meaning)
     if bf16_is_slow(model.precision, model.device.type):
         say(f"note: --precision bfloat16: {SLOW_BF16_TEXT}: --precision float32.")
     return model
+
+
+def random_weights_banner(meaning: str = "results") -> None:
+    """The stderr banner for random test weights, saying that `meaning` are void."""
+    bar = "*" * 72
+    say(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
+        f"model)\n{bar}")

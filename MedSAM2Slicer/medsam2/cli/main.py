@@ -2,13 +2,18 @@
 
 Each verb lives in its own module `medsam2.cli.<verb>` exposing `add_arguments(parser)` and
 `run(args) -> int`; verbs import their heavy dependencies lazily so `medsam2 --help` is instant.
+
+Packages above the engine add verbs without the engine importing them (imports point down
+only): an entry point in the group `medsam2.verbs` names a module with the same
+`add_arguments`/`run` and a one-line `HELP` (the web front end registers `web` this way in
+pyproject.toml).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from importlib import import_module
+from importlib import import_module, metadata, util
 from pathlib import Path
 
 from ..errors import MedSAM2Error
@@ -46,6 +51,19 @@ VERBS = {
                  "Simulate a user on labelled cases (a box or click on each object's middle slice, then "
                  "correction clicks on the worst slices) and report Dice, HD95 and the number of interactions."),
 }
+PLUGIN_GROUP = "medsam2.verbs"
+# A source checkout run with PYTHONPATH=MedSAM2Slicer (tests, Slicer's bundled copy) has no
+# installed entry points of its own; these verbs are then found by module name, if importable.
+SOURCE_TREE_PLUGINS = {"web": "MedSAM2Web.cli"}
+
+
+def plugin_verbs():
+    """{verb: module name} from the `medsam2.verbs` entry points, else the source tree's."""
+    found = {ep.name: ep.value.partition(":")[0] for ep in metadata.entry_points(group=PLUGIN_GROUP)}
+    for verb, module_name in SOURCE_TREE_PLUGINS.items():
+        if verb not in found and util.find_spec(module_name.split(".")[0]) is not None:
+            found[verb] = module_name
+    return found
 
 
 def docs_location() -> str:
@@ -81,6 +99,18 @@ examples:
         runner = getattr(module, f"run_{verb.replace('-', '_')}", None) or module.run
         adder(p)
         p.set_defaults(_run=runner)
+    for verb, module_name in plugin_verbs().items():
+        if verb in VERBS:
+            continue  # a plug-in never replaces a built-in verb
+        try:
+            module = import_module(module_name)
+        except ImportError as exc:
+            sub.add_parser(verb, help=f"(not available: {exc})").set_defaults(_missing=str(exc))
+            continue
+        p = sub.add_parser(verb, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           epilog=f"Documentation: {docs_location()}")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
 
 

@@ -63,19 +63,26 @@ def read_token(args):
             raise InputError("--token is empty")
         return token
     if args.token_file is not None:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.readline().strip()
-            mode = os.stat(args.token_file).st_mode
-        except OSError as exc:
-            raise InputError(f"--token-file {args.token_file}: {exc.strerror}") from None
-        if not token:
-            raise InputError(f"--token-file {args.token_file}: the first line is empty")
-        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            _say(f"warning: {args.token_file} is readable by other users; chmod 600 it")
-        return token
+        return read_token_file(args.token_file)
     token = os.environ.get(TOKEN_ENV, "").strip()
     return token or None
+
+
+def read_token_file(path, option="--token-file"):
+    """The token on the first line of `path`; warns when other users can read the file."""
+    from ..errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InputError(f"{option} {path}: {exc.strerror}") from None
+    if not token:
+        raise InputError(f"{option} {path}: the first line is empty")
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        _say(f"warning: {path} is readable by other users; chmod 600 it")
+    return token
 
 
 def run(args):
