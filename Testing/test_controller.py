@@ -261,3 +261,12 @@ def test_the_modules_self_test_scenario_passes_on_slicer_core(ct_volume):
     said = []
     run_self_test(scene, volume, say=said.append, timeout=300)
     assert said[-1] == "Undo of every action: OK"
+
+
+def test_deleting_a_segment_closes_its_session(in_process, ct_volume):
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, count=4)
+    controller = _controller(scene, Shell(), in_process)
+    controller.select(volume, segmentation, segment_id)
+    session = controller.session()
+    segmentation.GetSegmentation().RemoveSegment(segment_id)
+    assert session.closed and not controller.sessions()

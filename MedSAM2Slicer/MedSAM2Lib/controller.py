@@ -58,8 +58,9 @@ class ModuleController:
     """on_error(exc), on_message(text), on_changed(): the shell's ways to show what happened."""
 
     def __init__(self, scene, on_error: Callable | None = None, on_message: Callable | None = None,
-                 on_changed: Callable | None = None):
+                 on_changed: Callable | None = None, on_finished: Callable | None = None):
         self.scene = scene
+        self.on_finished = on_finished or (lambda session, job: None)  # (session, job) after each job
         self.on_error = on_error or (lambda exc: log.error("MedSAM2: %s", exc))
         self.on_message = on_message or (lambda text: log.info("MedSAM2: %s", text))
         self.on_changed = on_changed or (lambda: None)
@@ -71,6 +72,7 @@ class ModuleController:
         self._sessions: dict = {}  # (volume id, segmentation id, segment id) -> (options, session)
         self._markers_of_jobs: dict = {}  # job -> Marker, until the job commits or fails
         self._target = (None, None, "")
+        self._segment_watch: dict = {}  # segmentation node ID -> (node, observer tag)
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
         self._observers.append(scene.AddObserver(scene.NodeAboutToBeRemovedEvent, self._on_node_removed))
 
@@ -136,7 +138,22 @@ class ModuleController:
         session = SegmentationSession(volume, segmentation, segment_id, self.engine, memory=o.memory,
                                       window=o.window, axes=o.axes, image_set=o.image_set)
         self._sessions[key] = (o, session)
+        self._watch_segments(segmentation)
         return session
+
+    def _watch_segments(self, segmentation) -> None:
+        """A segment deleted in any editor takes its session with it (no write into a ghost)."""
+        import slicer
+
+        if segmentation.GetID() not in self._segment_watch:
+            tag = segmentation.AddObserver(slicer.vtkSegmentation.SegmentRemoved, self._on_segment_removed)
+            self._segment_watch[segmentation.GetID()] = (segmentation, tag)
+
+    def _on_segment_removed(self, segmentation, event=None) -> None:
+        gone = [k for k in self._sessions
+                if k[1] == segmentation.GetID() and segmentation.GetSegmentation().GetSegment(k[2]) is None]
+        for key in gone:
+            self._close_session(key)
 
     def sessions(self) -> list:
         return [s for _, s in self._sessions.values()]
@@ -150,6 +167,11 @@ class ModuleController:
         self.markers.forget_session(session)  # its prompts leave the engine: their markers go too
         session.close(wait=wait)
 
+    def close_segment(self, segment_id: str) -> None:
+        """A segment was deleted: its sessions (jobs, engine sessions, undo history) go too."""
+        for key in [k for k in self._sessions if k[2] == segment_id]:
+            self._close_session(key)
+
     def close_sessions(self) -> None:
         """Cancel every job (waiting for a running one, so nothing is written afterwards) and free
         the engine sessions. The engine keeps running: the model stays loaded."""
@@ -157,15 +179,18 @@ class ModuleController:
             self._close_session(key)
         self.on_changed()
 
-    def shutdown(self) -> None:
-        """Module cleanup or application exit: sessions closed, the engine's child stopped."""
+    def shutdown(self, close_engine: bool = True) -> None:
+        """Module cleanup or application exit: sessions closed, the engine's child stopped (unless
+        the engine is shared with another controller: close_engine=False)."""
         self.close_sessions()
-        if self._engine is not None:
+        if self._engine is not None and close_engine:
             self._engine.close()
-            self._engine = None
+        self._engine = None
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
-        self._observers = []
+        for node, tag in self._segment_watch.values():
+            node.RemoveObserver(tag)
+        self._observers, self._segment_watch = [], {}
 
     def _on_scene_closing(self, caller=None, event=None) -> None:
         self.close_sessions()
@@ -326,3 +351,6 @@ class ModuleController:
         self.markers.prune(session)  # a new action ends the redo history: those markers go
         if job.error is not None:
             self.on_error(job.error)
+        elif job.cancelled and getattr(job, "done_frames", 0):
+            self.on_message(f"Cancelled after {job.done_frames} of {job.total} slices; those stay (undo removes them).")
+        self.on_finished(session, job)

@@ -197,6 +197,14 @@ class FrameLayout:
             col = self.dims[self.col_axis] - 1 - col
         return float(ijk[self.axis]), float(col), float(row)
 
+    def frame_to_ijk(self, frame, x, y):
+        """The inverse of ijk_to_frame: a frame pixel (x=col, y=row) -> continuous IJK."""
+        ijk = np.zeros(3)
+        ijk[self.axis] = frame
+        ijk[self.row_axis] = self.dims[self.row_axis] - 1 - y if self.row_flip else y
+        ijk[self.col_axis] = self.dims[self.col_axis] - 1 - x if self.col_flip else x
+        return ijk
+
 
 class VolumeGeometry:
     """A volume node's voxel grid in world coordinates, read once (parent transforms included)."""

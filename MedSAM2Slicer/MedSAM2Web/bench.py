@@ -8,9 +8,10 @@ Starts `medsam2 web` on 127.0.0.1 with a crop of slicerio's chest CT (random wei
 drives Debian's Chromium with Playwright and prints a table. Each time runs from the mouse event
 (or button press) until the page's view image shows the result, checked the way the browser tests
 check it (segment colour where its voxels project); "server" is the part until the server had the
-result in the scene, from its status endpoint. "engine alone" runs the same actions on the same
-adapter in this process without a page, alternating with the page's runs so that the machine's
-other load falls on both alike. Needs the [web] and [test] extras.
+result in the scene, from its status endpoint. "no page" runs the same actions through the same
+adapter (the module logic and its engine process) in this process without a page, alternating with
+the page's runs so that the machine's other load falls on both alike. Needs the [web] and [test]
+extras.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     print(f"medsam2 web: {args.model} at {args.image_size} px on {args.device}, "
           f"{'random weights' if args.checkpoint is None else args.checkpoint}, chest CT {args.slices} slices x "
           f"128 x 128; server up (model loaded, page answering) in {up:.1f} s; medians\n")
-    print("| action | engine alone s | server has it s | page shows it s | runs |")
+    print("| action | no page s | server has it s | page shows it s | runs |")
     print("|---|---|---|---|---|")
     for row in ROWS:
         if not page_runs[row]:

@@ -1,28 +1,20 @@
-"""The web shell's one door to MedSAM2Lib: every prompt, propagation, undo and the engine go
-through `Segmenter`, and nothing else in MedSAM2Web imports MedSAM2Lib's session or the model.
+"""The web shell's one door to MedSAM2Lib's module logic: a thin wrapper around `ModuleController`.
 
-Its surface follows the module controller MedSAM2Lib is getting (`ModuleController`: select,
-place_point, place_box, propagate, refine, undo, redo, cancel, poll, busy, progress, can_undo,
-can_redo, close_sessions, shutdown), so the shell keeps its calls when this class becomes a thin
-wrapper around that controller and its engine process.
-
-Until then it drives today's `SegmentationSession` through its prepare / compute / commit steps:
-actions queue up, and each `poll()` (the page's 40 ms timer) advances the running action by one
-engine step - one prompt, or one propagated slice - in this process. So the event loop is held
-for one slice at a time (a fraction of a second at 256 px on a CPU), the page keeps its progress
-bar and Cancel, and no thread is involved. Undo and redo are instant and run at once.
+The controller is the one the Slicer module uses: the engine in a child process (the project's
+server on loopback, or a remote `medsam2 serve` through --server), jobs queued per segment, and a
+`poll()` that applies what the engine has finished within a few milliseconds and never waits. So
+the trame server's event loop never computes: its 40 ms task calls `poll()`, as the module's timer
+does. This wrapper adds what only the page needs: texts instead of exceptions, and the last
+prompt the engine received, in voxel indices, for the status endpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from medsam2.errors import InputError, MedSAM2Error
+from medsam2.errors import MedSAM2Error
 
 log = logging.getLogger(__name__)
 
@@ -42,144 +34,127 @@ class EngineSettings:
         return f"{self.model} ({where})"
 
 
-@dataclass(frozen=True)
-class Progress:
-    text: str
-    value: int
-    maximum: int
-
-
 class Segmenter:
-    """Prompts and propagation on the selected segment; one engine session set per segment."""
+    """Prompts and propagation on the selected segment, through the module's controller."""
 
     def __init__(self, settings: EngineSettings, on_error: Callable[[str], None] | None = None,
                  on_message: Callable[[str], None] | None = None):
+        from MedSAM2Lib import ModelSettings
+
         self.settings = settings
         self._on_error = on_error or (lambda text: log.error(text))
         self._on_message = on_message or (lambda text: None)
-        self._model = None
-        self._selection = (None, None, None)
-        self._sessions = {}        # segment ID -> SegmentationSession
-        self._queue = deque()      # actions not started yet (generators)
-        self._task = None          # the running action
-        self._cancel = None        # its threading.Event, for a propagation
-        self._progress = None
+        # the command line asked for this model; a random-weight file gets a banner there, not a refusal
+        self._model_settings = ModelSettings(name=settings.model, checkpoint=settings.checkpoint or "",
+                                             device=settings.device, image_size=settings.image_size or 0,
+                                             server_url=settings.server_url or "", token=settings.token or "",
+                                             allow_random=True)
+        self._engine = None
+        self._controller = None
         self.last_prompt = None    # the latest prompt handed to the engine, in voxel indices
         self.prompt_count = 0      # prompts the engine has taken so far (numbers last_prompt)
 
     # --- the engine ------------------------------------------------------------------------
-    def start(self) -> None:
-        """Load the model (or connect to the server) now, so a bad setting fails at startup."""
-        import medsam2
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the engine process and wait until the model is loaded (or the server answers),
+        so that a bad setting fails before the page is served."""
+        from MedSAM2Lib.engine_process import EngineStopped
 
-        s = self.settings
-        if s.server_url:
-            self._model = medsam2.connect(s.server_url, s.token)
-            self._model.refresh_info()  # fail now if the server is unreachable or refuses the token
-            return
-        with warnings.catch_warnings():  # the random-weights warning: the command line shows a banner
-            warnings.simplefilter("ignore")
-            self._model = medsam2.load_model(s.model, checkpoint=s.checkpoint, device=s.device,
-                                             image_size=s.image_size)
+        self._engine = self._model_settings.create_engine()
+        try:
+            self._engine.wait_ready(timeout=timeout)
+        except (MedSAM2Error, TimeoutError, EngineStopped):
+            self._engine.close()
+            raise
 
     @property
     def weights_are_random(self) -> bool:
-        return bool(getattr(self._model, "weights_are_random", False))
+        return bool(self._engine is not None and self._engine.info.get("weights_are_random"))
 
     @property
     def image_size(self) -> int | None:
-        return getattr(self._model, "image_size", None)
+        return self._engine.info.get("image_size") if self._engine is not None else None
+
+    def _controller_for(self, scene):
+        """The controller on this scene (a new scene, e.g. another volume opened, gets a new one)."""
+        from MedSAM2Lib.controller import ModuleController
+        from MedSAM2Lib.messages import describe_error
+
+        if self._controller is not None and self._controller.scene is scene:
+            return self._controller
+        if self._controller is not None:
+            self._controller.shutdown(close_engine=False)  # the engine serves the new scene too
+        self._controller = ModuleController(scene, on_error=lambda exc: self._on_error(describe_error(exc)[1]),
+                                            on_message=self._on_message, on_finished=self._finished)
+        self._controller.set_options(memory=self.settings.memory)
+        self._controller.use_engine(self._engine)
+        return self._controller
 
     # --- what the shell reads --------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return self._task is not None or bool(self._queue)
+        return bool(self._controller and self._controller.busy)
 
     @property
-    def progress(self) -> Progress | None:
-        return self._progress if self.busy else None
+    def progress(self):
+        return self._controller.progress if self._controller else None
 
     @property
     def can_undo(self) -> bool:
-        session = self._current_session(create=False)
-        return bool(session and session.can_undo) and not self.busy
+        return bool(self._controller and self._controller.can_undo)
 
     @property
     def can_redo(self) -> bool:
-        session = self._current_session(create=False)
-        return bool(session and session.can_redo) and not self.busy
+        return bool(self._controller and self._controller.can_redo)
 
     # --- selection -------------------------------------------------------------------------
     def select(self, volume_node, segmentation_node, segment_id: str | None) -> None:
-        if (volume_node, segmentation_node) != self._selection[:2]:
-            self.close_sessions()
-        self._selection = (volume_node, segmentation_node, segment_id)
+        scene = (volume_node or segmentation_node).GetScene() if (volume_node or segmentation_node) else None
+        if scene is not None:
+            self._controller_for(scene).select(volume_node, segmentation_node, segment_id or "")
+        elif self._controller is not None:
+            self._controller.select(None, None, "")
 
     def forget_segment(self, segment_id: str) -> None:
         """The segment is gone from the scene: drop its engine sessions and undo history."""
-        session = self._sessions.pop(segment_id, None)
-        if session is not None:
-            session.close()
+        if self._controller is not None:
+            self._controller.close_segment(segment_id)
 
-    def _current_session(self, create=True, target=None):
-        """The session of `target` (volume, segmentation, segment ID), by default the selection."""
-        volume_node, segmentation_node, segment_id = target or self._selection
-        session = self._sessions.get(segment_id)
-        if session is None and create:
-            from MedSAM2Lib import SegmentationSession
-
-            if self._model is None:
-                raise InputError("The model is not loaded yet.")
-            session = SegmentationSession(volume_node, segmentation_node, segment_id, self._model,
-                                          memory=self.settings.memory)
-            self._sessions[segment_id] = session
-        return session
-
-    # --- actions (queued; poll() runs them) -------------------------------------------------
-    # Each action is bound to the segment selected when it is asked for, not when it starts.
+    # --- actions (each is bound to the segment selected when it is asked for) ---------------
     def place_point(self, ras, slice_normal, include: bool = True) -> None:
-        kind = "include point" if include else "exclude point"
-        self._queue.append(self._prompt(kind, self._selection, lambda s: s.prepare_point(ras, include, slice_normal)))
+        self._call("place_point", ras, slice_normal, include)
 
     def place_box(self, ras_a, ras_b, slice_normal) -> None:
-        self._queue.append(self._prompt("box", self._selection, lambda s: s.prepare_box(ras_a, ras_b, slice_normal)))
+        self._call("place_box", ras_a, ras_b, slice_normal, show=False)
 
     def propagate(self, direction: str = "both", slice_range=None, slice_normal=None) -> None:
-        self._queue.append(self._propagation(self._selection, direction, None, slice_range, slice_normal))
+        self._call("propagate", direction, slice_range, slice_normal)
 
     def refine(self, ras, slice_normal, slice_range=None) -> None:
         """Propagate both ways from the slice through `ras` (after correcting it with prompts)."""
-        self._queue.append(self._propagation(self._selection, "both", ras, slice_range, slice_normal))
+        self._call("refine", ras, slice_normal, slice_range)
+
+    def _call(self, name, *args, **kwargs):
+        if self._controller is None:
+            self._on_error("Open a volume and select a segment first.")
+            return None
+        return getattr(self._controller, name)(*args, **kwargs)
 
     def undo(self) -> bool:
-        return self._undo_redo("undo")
+        return self._call("undo") is not None
 
     def redo(self) -> bool:
-        return self._undo_redo("redo")
-
-    def _undo_redo(self, which) -> bool:
-        if self.busy:
-            self._on_message(f"Wait for the running action (or cancel it) before {which}.")
-            return False
-        session = self._current_session(create=False)
-        if session is None:
-            return False
-        try:
-            return getattr(session, which)() is not None
-        except MedSAM2Error as exc:
-            self._on_error(str(exc))
-            return False
+        return self._call("redo") is not None
 
     def cancel(self) -> None:
         """Stop the running propagation after its current slice (finished slices stay) and drop
         the actions still queued."""
-        self._queue.clear()
-        if self._cancel is not None:
-            self._cancel.set()
+        if self._controller is not None:
+            self._controller.cancel()
 
     def frame_index(self, ras, slice_normal) -> int | None:
         """The slice number through `ras` along the selected segment's view axis, if known."""
-        session = self._current_session(create=False)
+        session = self._controller.session(create=False) if self._controller else None
         try:
             return session.frame_index(ras, slice_normal) if session else None
         except MedSAM2Error:
@@ -187,93 +162,52 @@ class Segmenter:
 
     # --- the timer tick ---------------------------------------------------------------------
     def poll(self) -> bool:
-        """Advance the running action by one engine step; True when anything happened."""
-        if self._task is None:
-            if not self._queue:
-                return False
-            self._task = self._queue.popleft()
-        try:
-            next(self._task)
-        except StopIteration:
-            self._finish()
-        except MedSAM2Error as exc:
-            self._finish()
-            self._on_error(str(exc))
-        except Exception as exc:  # report, keep serving the page
-            log.exception("MedSAM2 action failed")
-            self._finish()
-            self._on_error(f"Unexpected error: {exc}")
-        return True
+        """Apply what the engine has finished (never waits); True while anything is going on."""
+        if self._controller is None:
+            return False
+        was_busy = self._controller.busy
+        self._controller.poll()
+        return was_busy or self._controller.busy
 
-    def _finish(self):
-        self._task, self._cancel = None, None
-        if not self._queue:
-            self._progress = None
-
-    def _prompt(self, kind, target, prepare):
-        session = self._current_session(target=target)
-        job = prepare(session)
-        self._progress = Progress(f"{kind}: segmenting the slice", 0, 1)
-        yield
-        try:
-            job.compute()
-        finally:
-            action = job.commit()  # also forgets the prompt after an engine error
-        if action is not None:
-            self.prompt_count += 1
-            self.last_prompt = {"number": self.prompt_count, "segment": target[2],
-                                **self._describe_prompt(session, action, kind)}
-
-    def _propagation(self, target, direction, start_ras, slice_range, slice_normal):
-        session = self._current_session(target=target)
-        start = session.frame_index(start_ras, slice_normal) if start_ras is not None else None
-        job = session.prepare_propagation(direction, start, slice_range, slice_normal)
-        what = "refining" if start is not None else f"propagating ({direction})"
-        self._progress = Progress(what, 0, job.total)
-        self._cancel = cancel = threading.Event()
-        yield
-        frames = job.frames(cancel)
-        try:
-            for frame, mask in frames:
-                job.apply({frame: mask})
-                self._progress = Progress(what, job.done, job.total)
-                yield
-        finally:
-            frames.close()
-            job.commit()  # one undo step, also after a cancel
-        if cancel.is_set():
-            self._on_message(f"Cancelled after {job.done} of {job.total} slices; those stay (undo removes them).")
-
-    def _describe_prompt(self, session, action, kind):
-        """What the engine was given, back in voxel (IJK) indices: for the status endpoint."""
-        prompt, layout = action.prompt, session.geometry.layout(action.axis)
-
-        def ijk(x, y):
-            return [float(v) for v in layout.frame_to_ijk(prompt.frame, x, y)]
-
-        out = {"kind": kind, "axis": int(action.axis), "frame": int(prompt.frame),
-               "changed_frames": [int(f) for f in action.frames]}
-        if prompt.points is not None:
-            out["points"] = [{"ijk": ijk(x, y), "label": int(label)}
-                             for (x, y), label in zip(prompt.points, prompt.labels)]
-        if prompt.box is not None:
-            x0, y0, x1, y1 = prompt.box
-            out["box"] = [ijk(x0, y0), ijk(x1, y1)]
-        return out
+    def _finished(self, session, job) -> None:
+        action = job.action
+        if action is None or action.prompt is None:
+            return
+        self.prompt_count += 1
+        kind = action.kind
+        if kind == "point":
+            kind = "include point" if action.prompt.labels[-1] else "exclude point"
+        self.last_prompt = {"number": self.prompt_count, "segment": session.segment_id,
+                            **_describe_prompt(session, action, kind)}
 
     # --- teardown ---------------------------------------------------------------------------
     def close_sessions(self) -> None:
-        """Cancel what runs, then free every segment's engine sessions and undo history."""
-        self.cancel()
-        if self._task is not None:
-            self._task.close()  # runs its finally: the finished part stays, as one undo step
-            self._finish()
-        for session in self._sessions.values():
-            session.close()
-        self._sessions.clear()
+        """Cancel what runs (waiting for it to stop), then free every segment's engine sessions."""
+        if self._controller is not None:
+            self._controller.close_sessions()
 
     def shutdown(self) -> None:
-        self.close_sessions()
-        model, self._model = self._model, None
-        if model is not None and hasattr(model, "close"):
-            model.close()
+        """The page server stops: sessions closed and the engine process stopped."""
+        if self._controller is not None:
+            self._controller.shutdown()
+            self._controller = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def _describe_prompt(session, action, kind) -> dict:
+    """What the engine was given, back in voxel (IJK) indices: for the status endpoint."""
+    prompt, layout = action.prompt, session.geometry.layout(action.axis)
+
+    def ijk(x, y):
+        return [float(v) for v in layout.frame_to_ijk(prompt.frame, x, y)]
+
+    out = {"kind": kind, "axis": int(action.axis), "frame": int(prompt.frame),
+           "changed_frames": [int(f) for f in action.frames]}
+    if prompt.points is not None:
+        out["points"] = [{"ijk": ijk(x, y), "label": int(label)} for (x, y), label in zip(prompt.points, prompt.labels)]
+    if prompt.box is not None:
+        x0, y0, x1, y1 = prompt.box
+        out["box"] = [ijk(x0, y0), ijk(x1, y1)]
+    return out

@@ -15,6 +15,9 @@ from typing import Callable
 from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from MedSAM2Lib.geometry import slice_view_center as slice_center  # noqa: F401  (the one definition)
+from MedSAM2Lib.geometry import slice_view_normal as slice_normal  # noqa: F401
+
 VIEW_NAMES = ("Red", "Yellow", "Green")  # axial, sagittal, coronal, as Slicer names them
 TOOL_PRIORITY = 10.0  # ahead of vtkMRMLSliceViewInteractorStyle (0.0)
 MIN_BOX_PIXELS = 3    # a shorter drag is a click, not a box
@@ -52,16 +55,6 @@ def register_views(view_manager, server) -> None:
     from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
 
     view_manager.register_factory(TaggedSliceViewFactory(server, populate_view_ui_f=create_vertical_slice_view_gutter_ui))
-
-
-def slice_normal(slice_node) -> tuple[float, float, float]:
-    m = slice_node.GetSliceToRAS()
-    return (m.GetElement(0, 2), m.GetElement(1, 2), m.GetElement(2, 2))
-
-
-def slice_center(slice_node) -> tuple[float, float, float]:
-    m = slice_node.GetSliceToRAS()
-    return (m.GetElement(0, 3), m.GetElement(1, 3), m.GetElement(2, 3))
 
 
 def xy_to_ras(slice_node, x: float, y: float) -> tuple[float, float, float]:
