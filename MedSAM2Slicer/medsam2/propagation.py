@@ -76,10 +76,6 @@ class Propagator:
         self._predictor = model.predictor
 
     def run(self, passes: list[Pass], cancel: threading.Event | None, probabilities: bool):
-        with self.model.lock:
-            # memories of the slices this call redoes describe results being replaced: no frame of
-            # the call may read them (each frame's own entry also goes when it is tracked again)
-            self.tracking.discard_bank_frames({f for p in passes for f in p.frames})
         held = None  # the start frame of a "both" call, until the backward pass redoes it
         for p in passes:
             done = 0
@@ -105,6 +101,10 @@ class Propagator:
         try:
             with self.model.lock, torch.inference_mode():
                 self._predictor.propagate_in_video_preflight(state)
+                # the memories of the slices this pass redoes describe results being replaced: none
+                # of its frames reads them (slices a later pass redoes are read as they stand, as
+                # SAM2 reads them; a frame never reads its own entry: SelfSortingMemoryBank.read)
+                self.tracking.discard_bank_frames(order)
             for position, frame in enumerate(order):
                 if cancel is not None and cancel.is_set():
                     return
