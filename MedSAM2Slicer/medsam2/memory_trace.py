@@ -73,7 +73,8 @@ class MemoryTrace:
         self._records.append(record)
 
     def records(self) -> list[dict]:
-        return [_copy(r) for r in self._records]
+        # list() snapshots the deque in one step: a propagation may be appending on another thread
+        return [_copy(r) for r in list(self._records)]
 
     def drop_object(self, obj_id: int) -> None:
         kept = [r for r in self._records if r["obj_id"] != obj_id]
