@@ -77,7 +77,7 @@ def test_propagation_fills_every_slice_in_order(model, ct_slab):
     s = model.open(ct_slab)
     s.add_prompt(4, points=[[64, 64]], labels=[1])
     frames = [f for f, _ in s.propagate("both")]
-    assert frames == [4, 5, 6, 7, 8, 9, 4, 3, 2, 1, 0]
+    assert frames == [5, 6, 7, 8, 9, 4, 3, 2, 1, 0]  # each frame once
     vol = s.mask(1)
     assert vol.shape == ct_slab.shape and vol.dtype == bool
     assert all(vol[f].any() for f in range(10))
@@ -90,7 +90,7 @@ def test_stop_limits_the_span(model, ct_slab):
     s = model.open(ct_slab)
     s.add_prompt(4, points=[[64, 64]], labels=[1])
     assert [f for f, _ in s.propagate("forward", stop=6)] == [4, 5, 6]
-    assert [f for f, _ in s.propagate("both", stop=(2, 5))] == [4, 5, 4, 3, 2]
+    assert [f for f, _ in s.propagate("both", stop=(2, 5))] == [5, 4, 3, 2]
     assert not s.mask(1)[7:].any() and not s.mask(1)[:2].any()
 
 
@@ -105,7 +105,7 @@ def test_correction_repropagates_only_its_span(model, ct_slab, memory):
     assert s.conditioning_frames(1) == [2, 5, 8]
     redone = [f for f, _ in s.propagate("both", start=5)]
     # forward stops before frame 8, backward before frame 2
-    assert redone == [5, 6, 7, 5, 4, 3]
+    assert redone == [6, 7, 5, 4, 3]
     after = s.mask(1)
     for f in (0, 1, 2, 8, 9):
         assert np.array_equal(after[f], before[f]), f"frame {f} outside the span changed"
@@ -237,10 +237,10 @@ def test_feature_cache_spills_losslessly_past_its_ram_budget(dtypes):
 def test_sessions_on_the_same_volume_share_encoded_features(model, ct_slab):
     a = model.open(ct_slab, window=(-1000, 1000))
     a.add_prompt(3, points=[[64, 64]], labels=[1])
-    cache = a._state["feature_cache"]
+    cache = a.feature_cache
     misses = cache.misses
     b = model.open(ct_slab.copy(), window=(-1000, 1000))  # same content, another array
-    assert b._state["feature_cache"] is cache
+    assert b.feature_cache is cache
     b.add_prompt(3, obj_id=1, points=[[40, 40]], labels=[1])
     assert cache.misses == misses  # frame 3 was not encoded again
 
@@ -284,7 +284,7 @@ def test_encode_ahead_changes_nothing_but_time(model, ct_slab):
         s = model.open(ct_slab, memory="sam2")
         s.add_prompt(3, points=[[64, 64]], labels=[1])
         list(s.propagate("both"))
-        assert "prefetcher" not in s._state  # stopped and removed after each pass
+        assert "prefetcher" not in s._tracking.inference_state  # stopped and removed after each pass
         return s.mask(1)
 
     saved = model.prefetch_lookahead

@@ -55,9 +55,12 @@ def _single_axis(model, volume, axis, prompts, window):
     for frame, obj_id, x, y in prompts:
         s.add_prompt(frame, obj_id=obj_id, points=[[x, y]], labels=[1])
     probs = {o: np.zeros(to_frames(volume, axis).shape, np.float32) for o in s.obj_ids}
+    seen = []
     for frame, _masks, p in s.propagate("both", probabilities=True):
+        seen.append(frame)
         for o in s.obj_ids:
-            probs[o][frame] = p[o]  # the last result for a frame is the one kept
+            probs[o][frame] = p[o]
+    assert sorted(seen) == list(range(s.num_frames)), "each frame once"
     return ({o: from_frames(probs[o], axis) for o in s.obj_ids},
             {o: from_frames(s.mask(o), axis) for o in s.obj_ids})
 
@@ -79,7 +82,7 @@ def test_fused_volume_agrees_with_each_single_axis_run_where_they_agree(model, s
     progress = [f for f, _ in items if isinstance(f, FusionProgress)]
     frames = [f for f, _ in items if not isinstance(f, FusionProgress)]
     assert len(progress) + len(frames) == total_steps(small_ct.shape)
-    assert [p.axis for p in progress] == [0] * 6 + [1] * 15 + [2] * 17   # n + 1 items per axis
+    assert [p.axis for p in progress] == [0] * 5 + [1] * 14 + [2] * 16   # each frame of an axis once
     assert frames == list(range(5))
 
     for o in (1, 2):
@@ -111,8 +114,10 @@ def test_cancel_during_the_other_axes_keeps_the_single_axis_result(model, small_
         seen.append(frame)
         if isinstance(frame, FusionProgress) and frame.axis == 1:
             cancel.set()
-    # the own axis finished (6 items), one frame of axis 1, then it stopped; nothing fused
-    assert [f.axis for f in seen] == [0] * 6 + [1]
+    # the own axis finished (5 items); on axis 1 the frame after the start finished, the cancel
+    # stopped the run, and the start frame (tracked first, said once) closed it; nothing fused
+    assert [f.axis for f in seen] == [0] * 5 + [1, 1]
+    assert seen[-1].frame == seen[-2].frame - 1
     single = model.open(small_ct, window=s.frames.window)
     single.add_prompt(3, points=[[11, 10]], labels=[1])
     for _ in single.propagate():

@@ -111,3 +111,64 @@ def test_discard_and_params_validation():
         BankParams(capacity=0)
     with pytest.raises(ValueError, match="read"):
         BankParams(read="random")
+
+
+def test_low_confidence_resegmentation_still_removes_the_stale_entry():
+    # admit frame 7 at 0.9, re-segment it at 0.3: the 0.9 memory described a mask that is gone
+    bank = SelfSortingMemoryBank(capacity=4, min_confidence=0.5)
+    bank.admit(entry(3, 0.9, mem_deg=60))
+    assert bank.admit(entry(7, 0.9, mem_deg=0)) == "admitted"
+    assert bank.admit(entry(7, 0.3, mem_deg=20)) == "rejected: low confidence"
+    assert bank.frames() == [3]
+
+
+def test_object_absent_frames_never_enter_even_without_a_threshold():
+    bank = SelfSortingMemoryBank(capacity=4, min_confidence=0.0)
+    absent = entry(5, 0.0)
+    absent.object_present = False
+    assert bank.admit(absent) == "rejected: object absent"
+    assert bank.admit(entry(6, 0.0)) == "admitted"  # present with confidence 0 passes a 0 threshold
+    assert bank.frames() == [6]
+
+
+def test_a_frame_never_reads_its_own_entry():
+    bank = SelfSortingMemoryBank(capacity=8)
+    for f, img in [(1, 0), (2, 30), (3, 60)]:
+        bank.admit(entry(f, 0.9, mem_deg=40 * f, img_deg=img))
+    # frame 1 is the most similar to this query (identical image): it is skipped for frame 1 only
+    assert [r.frame for r in bank.read(direction(0), k=3, frame=1)] == [2, 3]
+    assert [r.frame for r in bank.read(direction(0), k=3, frame=9)] == [1, 2, 3]
+    picked = bank.read(direction(0), k=1, frame=9)[0]
+    assert picked.similarity == pytest.approx(1.0) and picked.entry is bank.entries[0]
+
+
+def test_capacity_is_strict_and_one_entry_banks_keep_the_more_confident():
+    bank = SelfSortingMemoryBank(capacity=1, replace_margin=0.1)
+    assert bank.admit(entry(1, 0.8)) == "admitted"
+    assert bank.admit(entry(2, 0.6)) == "rejected: redundant"  # 0.6 is not > 0.8 - 0.1
+    assert bank.admit(entry(3, 0.75)) == "replaced 1"
+    assert bank.frames() == [3]
+    big = SelfSortingMemoryBank(capacity=3)
+    for f in range(20):
+        big.admit(entry(f, 0.9, mem_deg=17 * f))
+        assert len(big) <= 3
+
+
+def test_take_and_put_back_restore_the_bank_exactly():
+    bank = SelfSortingMemoryBank(BankParams(capacity=3, read="softmax", seed=4))
+    for f in range(3):
+        bank.admit(entry(f, 0.9, mem_deg=50 * f, img_deg=30 * f))
+    before, state = list(bank.entries), bank.rng_state()
+    position, taken = bank.take(1)
+    assert position == 1 and bank.frames() == [0, 2]
+    first_draws = [r.frame for r in bank.read(direction(0), k=2)]
+    assert bank.put_back(position, taken)
+    bank.set_rng_state(state)
+    assert bank.entries == before  # the same entries, in the same order
+    bank.take(1)
+    assert [r.frame for r in bank.read(direction(0), k=2)] == first_draws  # the same draw again
+    bank.put_back(1, taken)
+    assert not bank.put_back(1, taken), "a frame never has two entries"
+    bank.take(0)
+    bank.admit(entry(9, 0.9, mem_deg=170))
+    assert not bank.put_back(0, before[0]), "a bank filled since keeps its capacity"

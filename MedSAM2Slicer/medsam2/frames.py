@@ -22,6 +22,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_WINDOW_PERCENTILES = (0.5, 99.5)
 
 
+def check_numeric(array: np.ndarray, what: str) -> np.ndarray:
+    """int or float pixels (bool viewed as uint8, never copied), else InputError naming `what`."""
+    if array.dtype == bool:
+        array = array.view(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"{what} dtype {array.dtype} is not numeric; convert it to an int or float array")
+    return array
+
+
+def check_pixels(array: np.ndarray, what: str, unit: str = "voxels") -> np.ndarray:
+    """The one check of image content: non-empty, numeric, finite. Returns the array (bool viewed as
+    uint8, never copied). `what` names it in messages ("volume", "image 3:"); `unit` its elements."""
+    if min(array.shape, default=0) == 0:
+        raise InputError(f"{what} is empty (shape {array.shape})")
+    array = check_numeric(array, what)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            first = tuple(int(v) for v in np.argwhere(bad)[0])
+            kind = "NaN" if np.isnan(array[first]) else "infinite"
+            where = ", ".join(f"{name} {v}" for name, v in zip(("slice", "row", "col")[-len(first):], first))
+            raise InputError(f"{what} has {int(bad.sum())} NaN/infinite {unit} (first {kind} at {where}); "
+                             "fill them (e.g. numpy.nan_to_num) before segmenting")
+    return array
+
+
 def check_volume(volume) -> np.ndarray:
     """Validate a (slices, rows, cols) numeric array; returns it as a numpy array without copying."""
     if isinstance(volume, torch.Tensor):
@@ -32,22 +58,7 @@ def check_volume(volume) -> np.ndarray:
             f"volume must be 3-D (slices, rows, cols); got shape {volume.shape}. "
             "For a single 2-D image add a slice axis, e.g. image[None]."
         )
-    if min(volume.shape) == 0:
-        raise InputError(f"volume is empty (shape {volume.shape})")
-    if volume.dtype == bool:
-        volume = volume.view(np.uint8)
-    if not (np.issubdtype(volume.dtype, np.integer) or np.issubdtype(volume.dtype, np.floating)):
-        raise InputError(f"volume dtype {volume.dtype} is not numeric; convert it to an int or float array")
-    if np.issubdtype(volume.dtype, np.floating):
-        bad = ~np.isfinite(volume)
-        if bad.any():
-            k, j, i = (int(v) for v in np.argwhere(bad)[0])
-            kind = "NaN" if np.isnan(volume[k, j, i]) else "infinite"
-            raise InputError(
-                f"volume has {int(bad.sum())} NaN/infinite voxels (first {kind} at slice {k}, row {j}, "
-                f"col {i}); fill them (e.g. numpy.nan_to_num) before segmenting"
-            )
-    return volume
+    return check_pixels(volume, "volume")
 
 
 def default_window(volume: np.ndarray) -> tuple[float, float]:

@@ -1,7 +1,8 @@
 """Multi-axis fusion: propagate along all three axes of a volume and fuse per voxel.
 
-`session.propagate(axes="all")` (MedSAM-2 segments a volume along its orientations and combines
-them). For a session on a (slices, rows, cols) volume V:
+`session.propagate(axes="all")`. The MedSAM-2 paper processes a volume along its orientations; it
+does not say how they are combined: the mean-of-probabilities rule below is this project's own.
+For a session on a (slices, rows, cols) volume V:
 
 1. The session itself propagates along its own axis (V's axis 0), exactly as `propagate()` does,
    so its tracking state afterwards is the single-axis one (corrections refine from it).
@@ -28,7 +29,8 @@ them). For a session on a (slices, rows, cols) volume V:
 5. The fused masks replace the session's results, so mask() / masks() / frame_masks() return them.
 
 What the generator yields: while the three runs go on, (FusionProgress, {}) items (plus a third
-{} when probabilities=True), one per frame finished on any axis; then, once everything is fused,
+{} when probabilities=True), one per frame finished on any axis (each frame of an axis once: n0 +
+n1 + n2 items, `total_steps` counts them with the fused frames); then, once everything is fused,
 (frame, {obj_id: fused mask}) for every frame 0..N-1 of the session's own axis (with
 probabilities=True: (frame, masks, {obj_id: fused mean probability})). Consumers that skip items
 with no masks work unchanged. `cancel` is checked before every frame of every run: a cancel during
@@ -47,7 +49,7 @@ import numpy as np
 
 from .errors import InputError
 from .io.volume_io import from_frames, index_to_frame_pixel, to_frames
-from .options import AXES as AXES_MODES
+from .options import AXES
 
 # session -> {axis: session on that axis}; the other-axis sessions (and their cached image
 # features) live as long as the session, so a second fused run does not re-encode every frame
@@ -67,8 +69,8 @@ class FusionProgress:
 
 def total_steps(shape) -> int:
     """How many FusionProgress items, then fused frames, a fused run of a volume of `shape` yields."""
-    # a "both" run yields its start frame twice: n + 1 items along an axis of n frames
-    return sum(int(n) + 1 for n in shape) + int(shape[0])
+    # a "both" run yields each of its axis's n frames once, then the n0 fused frames follow
+    return sum(int(n) for n in shape) + int(shape[0])
 
 
 def prompt_points(prompt) -> tuple[np.ndarray, np.ndarray]:
@@ -139,8 +141,8 @@ def axis_prompts(session, axis) -> list[dict]:
 def propagate_all_axes(session, direction="both", start=None, stop=None, cancel=None, probabilities=False,
                        axes="all"):
     """Session.propagate(axes="all"); everything is checked before the first frame runs."""
-    if axes not in AXES_MODES:
-        raise InputError(f"axes must be one of {AXES_MODES}; got {axes!r}")
+    if axes not in AXES:
+        raise InputError(f"axes must be one of {AXES}; got {axes!r}")
     if getattr(session, "is_image_set", False):
         raise InputError("axes='all' fuses the three axes of a volume; an image set has only its images")
     if direction != "both" or start is not None or stop is not None:
@@ -158,7 +160,7 @@ def _other_axis_session(session, axis):
     if sub is None:
         sub = session.model.open(to_frames(session.frames.volume, axis), memory=session.memory,
                                  window=session.frames.window,
-                                 memory_bank=session._state["memory_bank_params"])
+                                 memory_bank=session.bank_params)
         subs[axis] = sub
     else:
         sub.reset()
@@ -177,22 +179,17 @@ def _fuse(session, own, plans, cancel, probabilities):
     def run(axis, gen, axis_session):
         nonlocal done
         views = {o: to_frames(prob_sum[o], axis) for o in obj_ids}
-        # a "both" run yields its start frame twice (the backward pass redoes it for an object not
-        # prompted there); the last result is the one kept, so that frame is added after the run
-        start, start_probs = None, None
-        for frame, _masks, probs in gen:
-            if start is None or frame == start:
-                start, start_probs = frame, {o: probs[o].copy() for o in obj_ids}
-            else:
-                for o in obj_ids:
-                    views[o][frame] += probs[o]
+        finished = 0
+        for frame, _masks, probs in gen:  # each frame once, with the result its run keeps
+            for o in obj_ids:
+                views[o][frame] += probs[o]
+            finished += 1
             done += 1
             progress = FusionProgress(axis, int(frame), done, total)
             yield (progress, {}, {}) if probabilities else (progress, {})
-        if cancelled() or start is None:
+        if cancelled() or finished < axis_session.num_frames:
             return False
         for o in obj_ids:
-            views[o][start] += start_probs[o]
             votes[o] += from_frames(axis_session.mask(o), axis)
         return True
 
@@ -213,7 +210,7 @@ def _fuse(session, own, plans, cancel, probabilities):
         mean = prob_sum[o]
         mean /= np.float32(3.0)  # in place: the sum is no longer needed
         fused[o] = np.where(votes[o] == 3, True, np.where(votes[o] == 0, False, mean > 0.5))
-        session._masks[o] = {f: np.packbits(fused[o][f]) for f in range(shape[0])}
+        session.replace_masks(o, fused[o])
     for f in range(shape[0]):
         masks = {o: fused[o][f] for o in obj_ids}
         yield (f, masks, {o: prob_sum[o][f] for o in obj_ids}) if probabilities else (f, masks)

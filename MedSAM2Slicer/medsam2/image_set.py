@@ -35,16 +35,12 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource, check_window, default_window
+from .frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource, check_numeric, check_pixels, check_window, default_window
+from .memory_bank import bank_params_for
 from .session import Session
 
 # ITU-R BT.601 luma: the usual grey level of an RGB picture (PIL's convert("L") uses it too)
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def as_grey_images(images) -> list[np.ndarray]:
-    """A list of 2-D grey images from a list of 2-D / RGB(A) arrays or an (N, rows, cols) array."""
-    return [grey for grey, _ in _grey_images(images)]
 
 
 def _grey_images(images) -> list[tuple[np.ndarray, bool]]:
@@ -75,21 +71,10 @@ def _grey(n, image) -> tuple[np.ndarray, bool]:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     elif a.ndim == 3 and a.shape[-1] in (3, 4):  # RGB or RGBA; alpha is not image content
-        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-            raise InputError(f"image {n}: dtype {a.dtype} is not numeric")
-        a = a[..., :3].astype(np.float32) @ GREY_WEIGHTS
+        a = check_numeric(a, f"image {n}:")[..., :3].astype(np.float32) @ GREY_WEIGHTS
     if a.ndim != 2:
         raise InputError(f"image {n}: shape {a.shape}; an image must be grey (rows, cols) or colour (rows, cols, 3|4)")
-    if min(a.shape) == 0:
-        raise InputError(f"image {n}: is empty (shape {a.shape})")
-    if a.dtype == bool:
-        a = a.view(np.uint8)
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise InputError(f"image {n}: dtype {a.dtype} is not numeric; convert it to an int or float array")
-    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-        row, col = (int(v) for v in np.argwhere(~np.isfinite(a))[0])
-        raise InputError(f"image {n}: has NaN/infinite pixels (first at row {row}, col {col}); fill them first")
-    return a, eight_bit
+    return check_pixels(a, f"image {n}:", "pixels"), eight_bit
 
 
 class ImageSetFrames(FrameSource):
@@ -144,40 +129,16 @@ class ImageSetSession(Session):
     """
 
     is_image_set = True
+    _place = "this image"
+
+    def _shape_of(self, frame: int) -> tuple[int, int]:
+        # SAM2 is told this size before the image is prompted or tracked (TrackingState.use_frame)
+        return self.frames.image_shapes[frame]
 
     @property
     def image_shapes(self) -> list[tuple[int, int]]:
         """(rows, cols) of every image, in the order given."""
         return self.frames.image_shapes
-
-    def image_shape(self, index) -> tuple[int, int]:
-        return self.frames.image_shapes[self._check_frame(index)]
-
-    # -- per-frame size: SAM2 reads it from the inference state ------------------------------
-    def _use_frame(self, frame):
-        rows, cols = self.frames.image_shapes[frame]
-        self._state["video_height"], self._state["video_width"] = rows, cols
-
-    def _current_shape(self):
-        return self._state["video_height"], self._state["video_width"]
-
-    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None) -> np.ndarray:
-        """As Session.add_prompt, with points / box / mask in image `frame`'s own pixels."""
-        frame = self._check_frame(frame)
-        with self._lock:  # the state's frame size must not change under this prompt
-            self._use_frame(frame)
-            return super().add_prompt(frame, obj_id, points=points, labels=labels, box=box, mask=mask)
-
-    def clear_prompts(self, frame, obj_id) -> None:
-        frame = self._check_frame(frame)
-        with self._lock:
-            self._use_frame(frame)
-            super().clear_prompts(frame, obj_id)
-
-    def _track_frame(self, frame, reverse):
-        # called under the lock, right before the logits are resized to the "video" size
-        self._use_frame(frame)
-        return super()._track_frame(frame, reverse)
 
     def propagate(self, direction="both", start=None, stop=None, cancel=None, probabilities=False, axes=None):
         """Visit every image (order: see the module docstring); yields (image index, masks) as they finish."""
@@ -188,43 +149,16 @@ class ImageSetSession(Session):
     # -- results at each image's size --------------------------------------------------------
     def mask(self, obj_id) -> list[np.ndarray]:
         """The object's mask on every image: a list of bool (rows, cols), one per image."""
-        self._known_obj(obj_id)
-        stored = self._masks.get(obj_id, {})
-        return [self._unpack_frame(f, stored[f]) if f in stored else np.zeros(shape, bool)
-                for f, shape in enumerate(self.image_shapes)]
+        self._tracking.known(obj_id)
+        return [self._results.get(obj_id, f) for f in range(self.num_frames)]
 
     def masks(self) -> list[np.ndarray]:
         """All objects per image as uint16 label images (value = obj_id; a later object wins)."""
         out = [np.zeros(shape, np.uint16) for shape in self.image_shapes]
         for obj_id in self.obj_ids:
-            for frame, packed in self._masks.get(obj_id, {}).items():
-                out[frame][self._unpack_frame(frame, packed)] = obj_id
+            for frame in self._results.frames(obj_id):
+                out[frame][self._results.get(obj_id, frame)] = obj_id
         return out
-
-    def frame_masks(self, frame) -> dict:
-        frame = self._check_frame(frame)
-        shape = self.image_shapes[frame]
-        return {o: self._unpack_frame(frame, self._masks[o][frame]) if frame in self._masks.get(o, {})
-                else np.zeros(shape, bool) for o in self.obj_ids}
-
-    def _unpack_frame(self, frame, packed):
-        rows, cols = self.image_shapes[frame]
-        return np.unpackbits(packed, count=rows * cols).reshape(rows, cols).astype(bool)
-
-    # -- checks against the image being prompted ---------------------------------------------
-    def _check_xy(self, what, x, y):
-        rows, cols = self._current_shape()
-        if not (np.isfinite(x) and -0.5 <= x <= cols - 0.5):
-            raise InputError(f"{what}: x={x:g} is outside this image (columns 0..{cols - 1})")
-        if not (np.isfinite(y) and -0.5 <= y <= rows - 0.5):
-            raise InputError(f"{what}: y={y:g} is outside this image (rows 0..{rows - 1})")
-
-    def _check_mask(self, mask):
-        m = np.asarray(mask)
-        shape = self._current_shape()
-        if m.shape != shape:
-            raise InputError(f"mask shape {m.shape} does not match this image's (rows, cols) {shape}")
-        return torch.from_numpy(m.astype(bool))
 
 
 def open_images(model, images, memory="self-sorting", window=None, memory_bank=None, feature_cache_mb=None):
@@ -236,8 +170,6 @@ def open_images(model, images, memory="self-sorting", window=None, memory_bank=N
     0.5-99.5 percentiles.
     memory / memory_bank: as Model.open ("self-sorting" is the mode this is meant for).
     """
-    from .model import bank_params_for
-
     bank_params = bank_params_for(memory, memory_bank)
     frames = ImageSetFrames(images, model.image_size, window)
-    return ImageSetSession(model, frames, model._feature_cache_for(frames, feature_cache_mb), bank_params)
+    return ImageSetSession(model, frames, model.feature_cache_for(frames, feature_cache_mb), bank_params)

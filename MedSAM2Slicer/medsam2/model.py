@@ -13,8 +13,9 @@ import torch
 from .errors import InputError
 from .features import FeatureCache
 from .frames import FrameSource
-from .memory_bank import BankParams
-from .options import MEMORY_MODES, PRECISIONS
+from .image_set import ImageSetSession, open_images
+from .memory_bank import bank_params_for
+from .options import DEVICES, PRECISIONS
 from .prefetch import FramePrefetcher
 from .session import Session
 
@@ -36,26 +37,12 @@ def pick_device(device="auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)} (or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' asked for, but this PyTorch has no CUDA GPU; use --device cpu or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("device 'mps' asked for, but Apple MPS is not available here; use cpu or auto")
     return dev
-
-
-def bank_params_for(memory, memory_bank) -> BankParams | None:
-    """Checked memory-bank settings for a memory mode (None for stock SAM2 memory)."""
-    if memory not in MEMORY_MODES:
-        raise InputError(f"memory must be one of {MEMORY_MODES}; got {memory!r}")
-    if memory == "sam2":
-        if memory_bank:
-            raise InputError("memory_bank settings apply only to memory='self-sorting'")
-        return None
-    try:
-        return memory_bank if isinstance(memory_bank, BankParams) else BankParams(**(memory_bank or {}))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"memory bank settings: {exc}") from None
 
 
 def resolve_precision(precision, device: torch.device) -> str:
@@ -109,12 +96,11 @@ class Model:
         """
         bank_params = bank_params_for(memory, memory_bank)
         frames = FrameSource(volume, self.image_size, window)
-        return Session(self, frames, self._feature_cache_for(frames, feature_cache_mb), bank_params)
+        return Session(self, frames, self.feature_cache_for(frames, feature_cache_mb), bank_params)
 
-    def open_images(self, images, memory="self-sorting", window=None, memory_bank=None, feature_cache_mb=None):
+    def open_images(self, images, memory="self-sorting", window=None, memory_bank=None,
+                    feature_cache_mb=None) -> ImageSetSession:
         """One-prompt session on a set of unrelated 2D images of any sizes (see image_set.py)."""
-        from .image_set import open_images
-
         return open_images(self, images, memory=memory, window=window, memory_bank=memory_bank,
                            feature_cache_mb=feature_cache_mb)
 
@@ -139,7 +125,9 @@ class Model:
         inference_state["prefetcher"] = prefetcher
         return prefetcher
 
-    def _feature_cache_for(self, frames: FrameSource, ram_mb=None) -> FeatureCache:
+    def feature_cache_for(self, frames: FrameSource, ram_mb=None) -> FeatureCache:
+        """The cache of encoded frames for these frames (content, window, size): sessions on the
+        same frames share one, so no frame is encoded twice."""
         key = frames.fingerprint()
         with self.lock:
             cache = self._feature_caches.get(key)

@@ -6,3 +6,4 @@ MEMORY_MODES = ("self-sorting", "sam2")  # MedSAM-2's self-sorting bank, or stoc
 DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too wherever a device is given
 PRECISIONS = ("auto", "float32", "bfloat16")
 AXES = ("one", "all")  # propagate along the prompted axis, or along all three and fuse
+DIRECTIONS = ("forward", "backward", "both")  # propagation: from the start frame up, down, or both

@@ -7,6 +7,8 @@ the official `sam2` code, which is why `memory="sam2"` reproduces the official p
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import torch
@@ -28,7 +30,73 @@ try:
 except metadata.PackageNotFoundError:  # a source checkout on sys.path: nothing to compare
     pass
 
-from .memory_bank import MemoryEntry, SelfSortingMemoryBank, unit
+from .memory_bank import MemoryEntry, Recall, SelfSortingMemoryBank, unit
+
+
+@dataclass
+class MemoryRead:
+    """What one frame attended to while it was tracked."""
+
+    attended: list[int]  # frames whose memories (features) were attended: conditioning first
+    pointers: list[int]  # frames whose object pointers were attended
+    recalled: list[Recall] = field(default_factory=list)  # bank entries read (self-sorting), most similar first
+
+
+@dataclass
+class FrameTracking:
+    """One tracked (frame, object): what it read, how confident its mask is, what the bank did."""
+
+    frame: int
+    reverse: bool
+    read: MemoryRead
+    confidence: float  # the chosen mask's predicted IoU; 0 where the object score says absent
+    object_present: bool
+    admission: str | None  # the bank's decision (None in sam2 mode)
+
+
+class _ReadLog:
+    """Which stored outputs SAM2's own memory selection touched, by the keys it read from them."""
+
+    def __init__(self):
+        self.attended: list[int] = []
+        self.pointers: list[int] = []
+
+    def note(self, frame, key):
+        seen = {"maskmem_features": self.attended, "obj_ptr": self.pointers}.get(key)
+        if seen is not None and frame not in seen:
+            seen.append(frame)
+
+
+class _WatchedOutput(Mapping):
+    def __init__(self, frame, output, log):
+        self._frame, self._output, self._log = frame, output, log
+
+    def __getitem__(self, key):
+        self._log.note(self._frame, key)
+        return self._output[key]
+
+    def __iter__(self):
+        return iter(self._output)
+
+    def __len__(self):
+        return len(self._output)
+
+
+class _WatchedOutputs(Mapping):
+    """A read-only view of {frame: output} that reports which outputs' memories are used."""
+
+    def __init__(self, outputs, log):
+        self._outputs, self._log = outputs, log
+
+    def __getitem__(self, frame):
+        return _WatchedOutput(frame, self._outputs[frame], self._log)
+
+    def __iter__(self):
+        return iter(self._outputs)
+
+    def __len__(self):
+        return len(self._outputs)
+
 
 def _memory_in_input_dtype(module, args, kwargs):
     """Stored memories are bfloat16 (as in the official predictor). Without autocast, a memory made
@@ -52,6 +120,8 @@ BANK_KEY = "memory_bank"  # where a per-object bank lives inside that object's o
 class MedSAM2Predictor(SAM2VideoPredictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.last_tracking: FrameTracking | None = None  # set by each tracked frame (under the model's lock)
+        self._last_read = self._descriptor = None
         self.memory_attention.register_forward_pre_hook(_memory_in_input_dtype, with_kwargs=True)
 
     # -- image features ---------------------------------------------------------------------
@@ -85,35 +155,50 @@ class MedSAM2Predictor(SAM2VideoPredictor):
             out_dict[BANK_KEY] = SelfSortingMemoryBank(params)
         return obj_idx
 
-    # -- confidence of each tracked frame ---------------------------------------------------
+    # -- what each tracked frame read, how confident it is, what the bank did with it ----------
     def _track_step(self, *args, **kwargs):
         current_out, sam_outputs, high_res_features, pix_feat = super()._track_step(*args, **kwargs)
         ious, object_score_logits = sam_outputs[2], sam_outputs[6]
         # the chosen mask is the best-scoring one (multimask) or the only one: its IoU is the max
         iou = ious.max(dim=-1).values
-        self._last_confidence = torch.where(object_score_logits[:, 0] > 0, iou, torch.zeros_like(iou))
+        self._last_present = object_score_logits[:, 0] > 0
+        self._last_confidence = torch.where(self._last_present, iou, torch.zeros_like(iou))
         return current_out, sam_outputs, high_res_features, pix_feat
 
     def _run_single_frame_inference(self, inference_state, output_dict, frame_idx, batch_size,
                                     is_init_cond_frame, point_inputs, mask_inputs, reverse,
                                     run_mem_encoder, prev_sam_mask_logits=None):
+        """The official step; for a tracked frame, also `self.last_tracking` (and the bank's admission)."""
+        self.last_tracking = self._last_read = self._descriptor = None
         compact_out, pred_masks = super()._run_single_frame_inference(
             inference_state, output_dict, frame_idx, batch_size, is_init_cond_frame, point_inputs,
             mask_inputs, reverse, run_mem_encoder, prev_sam_mask_logits)
-        bank = output_dict.get(BANK_KEY)
         tracked = run_mem_encoder and point_inputs is None and mask_inputs is None and not is_init_cond_frame
-        if bank is not None and tracked and compact_out["maskmem_features"] is not None:
-            feats = self._get_image_feature(inference_state, frame_idx, 1)[2]
-            bank.admit(MemoryEntry(
+        if not tracked:
+            return compact_out, pred_masks
+        bank = output_dict.get(BANK_KEY)
+        present, confidence = bool(self._last_present[0]), float(self._last_confidence[0])
+        admission = None
+        if bank is not None and compact_out["maskmem_features"] is not None:
+            admission = bank.admit(MemoryEntry(
                 frame=frame_idx,
-                confidence=float(self._last_confidence[0]),
+                confidence=confidence,
                 memory_descriptor=unit(compact_out["maskmem_features"]),
-                image_descriptor=self._image_descriptor(feats[-1]),
+                image_descriptor=self._frame_descriptor(inference_state, frame_idx),
                 payload={"maskmem_features": compact_out["maskmem_features"],
                          "maskmem_pos_enc": compact_out["maskmem_pos_enc"],
                          "obj_ptr": compact_out["obj_ptr"]},
+                object_present=present,
             ))
+        self.last_tracking = FrameTracking(frame_idx, reverse, self._last_read or MemoryRead([], []),
+                                           confidence, present, admission)
         return compact_out, pred_masks
+
+    def _frame_descriptor(self, inference_state, frame_idx):
+        cached = self._descriptor
+        if cached is not None and cached[0] == frame_idx:  # computed when the frame read the bank
+            return cached[1]
+        return self._image_descriptor(self._get_image_feature(inference_state, frame_idx, 1)[2][-1])
 
     def _image_descriptor(self, top_level_feat):
         """Pooled, unit-length image embedding from the (HW, B, C) top-level feature."""
@@ -123,18 +208,45 @@ class MedSAM2Predictor(SAM2VideoPredictor):
         pooled = F.adaptive_avg_pool2d(grid.float(), DESCRIPTOR_GRID)
         return unit(pooled.cpu())
 
+    def recency_window(self, frame_idx, reverse) -> list[int]:
+        """The non-conditioning frames SAM2 reads (where it holds them) when it tracks `frame_idx`:
+        the official selection (sam2_base._prepare_memory_conditioned_features), nearest first."""
+        stride, frames = self.memory_temporal_stride_for_eval, []
+        for t_rel in range(1, self.num_maskmem):
+            if t_rel == 1:
+                frames.append(frame_idx + 1 if reverse else frame_idx - 1)
+            elif reverse:
+                frames.append(-(-(frame_idx + 2) // stride) * stride + (t_rel - 2) * stride)
+            else:
+                frames.append(((frame_idx - 2) // stride) * stride - (t_rel - 2) * stride)
+        return frames
+
     # -- which memories a frame attends to --------------------------------------------------
     def _prepare_memory_conditioned_features(self, frame_idx, is_init_cond_frame, current_vision_feats,
                                              current_vision_pos_embeds, feat_sizes, output_dict,
                                              num_frames, track_in_reverse=False):
-        bank = output_dict.get(BANK_KEY)
-        if bank is None or is_init_cond_frame or self.num_maskmem == 0:
+        if is_init_cond_frame or self.num_maskmem == 0:
             return super()._prepare_memory_conditioned_features(
                 frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
                 feat_sizes, output_dict, num_frames, track_in_reverse)
-        return self._self_sorting_memory_features(
-            bank, frame_idx, current_vision_feats, current_vision_pos_embeds, feat_sizes,
-            output_dict, num_frames, track_in_reverse)
+        bank = output_dict.get(BANK_KEY)
+        if bank is not None:
+            return self._self_sorting_memory_features(
+                bank, frame_idx, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                output_dict, num_frames, track_in_reverse)
+        # stock SAM2 memory, unchanged; the views only note which frames' memories it uses
+        log = _ReadLog()
+        watched = {key: _WatchedOutputs(output_dict[key], log)
+                   for key in ("cond_frame_outputs", "non_cond_frame_outputs")}
+        pix_feat = super()._prepare_memory_conditioned_features(
+            frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
+            feat_sizes, watched, num_frames, track_in_reverse)
+        # SAM2 reads its selected conditioning frames first, then its slots from the farthest
+        # frame to the nearest; listed here nearest first, as the self-sorting read is
+        cond = len(output_dict["cond_frame_outputs"])
+        selected = cond if self.max_cond_frames_in_attn == -1 else min(cond, self.max_cond_frames_in_attn)
+        self._last_read = MemoryRead(log.attended[:selected] + log.attended[selected:][::-1], log.pointers)
+        return pix_feat
 
     def _self_sorting_memory_features(self, bank, frame_idx, current_vision_feats,
                                       current_vision_pos_embeds, feat_sizes, output_dict,
@@ -153,10 +265,12 @@ class MedSAM2Predictor(SAM2VideoPredictor):
 
         cond_outputs = output_dict["cond_frame_outputs"]
         selected_cond, _ = select_closest_cond_frames(frame_idx, cond_outputs, self.max_cond_frames_in_attn)
-        recalled = bank.read(self._image_descriptor(current_vision_feats[-1]), self.num_maskmem - 1)
+        descriptor = self._image_descriptor(current_vision_feats[-1])
+        self._descriptor = (frame_idx, descriptor)
+        recalled = bank.read(descriptor, self.num_maskmem - 1, frame=frame_idx)
 
         memories = [(0, out) for out in selected_cond.values()]
-        memories += [(self.num_maskmem - 1 - rank, entry.payload) for rank, entry in enumerate(recalled)]
+        memories += [(self.num_maskmem - 1 - rank, r.entry.payload) for rank, r in enumerate(recalled)]
         to_cat_memory, to_cat_pos = [], []
         for t_pos, mem in memories:
             feats = mem["maskmem_features"].to(device, non_blocking=True)
@@ -165,6 +279,7 @@ class MedSAM2Predictor(SAM2VideoPredictor):
             to_cat_pos.append(pos + self.maskmem_tpos_enc[self.num_maskmem - t_pos - 1])
 
         num_obj_ptr_tokens = 0
+        pointer_frames = []
         if self.use_obj_ptrs_in_encoder:
             max_ptrs = min(num_frames, self.max_obj_ptrs_in_encoder)
             sign = -1 if track_in_reverse else 1
@@ -173,7 +288,9 @@ class MedSAM2Predictor(SAM2VideoPredictor):
                          or (t >= frame_idx if track_in_reverse else t <= frame_idx)}
             pos_and_ptrs = [((frame_idx - t) * sign if self.use_signed_tpos_enc_to_obj_ptrs
                              else abs(frame_idx - t), o["obj_ptr"]) for t, o in past_cond.items()]
-            pos_and_ptrs += [(rank + 1, e.payload["obj_ptr"]) for rank, e in enumerate(recalled)][: max_ptrs - 1]
+            bank_ptrs = [(rank + 1, r.entry.payload["obj_ptr"]) for rank, r in enumerate(recalled)][: max_ptrs - 1]
+            pos_and_ptrs += bank_ptrs
+            pointer_frames = list(past_cond) + [r.frame for r in recalled][: len(bank_ptrs)]
             if pos_and_ptrs:
                 pos_list, ptr_list = zip(*pos_and_ptrs)
                 obj_ptrs = torch.stack(ptr_list, dim=0)
@@ -192,6 +309,7 @@ class MedSAM2Predictor(SAM2VideoPredictor):
                 to_cat_pos.append(obj_pos)
                 num_obj_ptr_tokens = obj_ptrs.shape[0]
 
+        self._last_read = MemoryRead(list(selected_cond) + [r.frame for r in recalled], pointer_frames, recalled)
         pix_feat = self.memory_attention(
             curr=current_vision_feats,
             curr_pos=current_vision_pos_embeds,

@@ -28,7 +28,10 @@ def add_arguments(p):
     add_compile_argument(p)
     add_window_argument(p, "intensity window, e.g. -160 240 for abdomen CT (default: 0.5-99.5 percentiles)")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--memory-trace", metavar="FILE.json",
+                   help="also write what each tracked slice attended to and what the memory held (JSON records, "
+                        "docs/memory-bank.md), and beside it FILE.png: tracked slice x attended slice")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and the memory trace files) if they exist")
 
 
 def run(args):
@@ -37,6 +40,7 @@ def run(args):
     # 1. inputs, before anything slow
     kind = volume_io.check_output_path(args.output, args.overwrite)
     check_model_inputs(args)
+    trace_paths = _trace_paths(args.memory_trace, args.overwrite) if args.memory_trace else None
     volume = volume_io.read_volume(args.image, series=args.series)
     objects = prompts_io.read_prompts(args.prompts)
     frame_prompts = prompts_io.to_frame_prompts(objects, volume, args.axis)
@@ -52,8 +56,9 @@ def run(args):
         session.add_prompt(fp.frame, obj_id=fp.obj_id, points=fp.points, labels=fp.labels, box=fp.box)
 
     # 3. propagate: forward from the first prompted frame to the end, then back from it to frame 0
+    # (each frame is yielded once; a fused run also counts the frames of the other two axes)
     started = time.perf_counter()
-    bar = _progress(frames.shape[0] + 1 if args.axes == "one" else _fusion_steps(frames.shape))
+    bar = _progress(frames.shape[0] if args.axes == "one" else _fusion_steps(frames.shape))
     try:
         for _frame, _masks in session.propagate(direction="both", axes=args.axes):
             bar.update(1)
@@ -77,6 +82,9 @@ def run(args):
             labels[mask] = obj.id
         volume_io.write_labelmap(args.output, labels, volume, overwrite=args.overwrite)
 
+    if trace_paths is not None:
+        _write_trace(session, frames.shape[0], *trace_paths)
+
     voxel_ml = float(volume.spacing[0] * volume.spacing[1] * volume.spacing[2]) / 1000.0
     print(f"wrote {args.output} ({time.perf_counter() - started:.1f} s propagation)")
     for obj, _index, mask in results:
@@ -84,6 +92,39 @@ def run(args):
         note = "  (empty)" if count == 0 else ""
         print(f"  {obj.id:>3} {obj.name}: {count} voxels, {count * voxel_ml:.1f} mL{note}")
     return 0
+
+
+def _trace_paths(path, overwrite):
+    """(FILE.json, FILE.png) for --memory-trace, checked before anything slow."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    trace = Path(path)
+    if trace.suffix.lower() != ".json":
+        raise InputError(f"--memory-trace {path}: give a .json file name (the picture is written beside it as .png)")
+    picture = trace.with_suffix(".png")
+    for p in (trace, picture):
+        if p.exists() and not overwrite:
+            raise InputError(f"{p} exists; use --overwrite to replace it")
+    if not trace.parent.is_dir():
+        raise InputError(f"--memory-trace {path}: folder {trace.parent} does not exist")
+    return trace, picture
+
+
+def _write_trace(session, num_frames, trace, picture):
+    import json
+
+    from ..io.files import atomic_output
+    from ..trace_picture import save_trace_picture
+
+    records = session.memory_trace()  # along --axis (a fused run's other axes are not traced)
+    with atomic_output(trace) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(records, indent=1) + "\n")
+    with atomic_output(picture) as tmp:
+        width, height = save_trace_picture(records, num_frames, tmp)
+    print(f"wrote {trace} ({len(records)} tracked slice x object records) and {picture} ({width} x {height} px)")
 
 
 def _fusion_steps(shape):

@@ -1,0 +1,159 @@
+"""Propagation: which frames a `Session.propagate` call tracks, in what order, and running it.
+
+Passes follow the official predictor (`propagate_in_video`, forward then reverse), driven one
+frame at a time so that each frame can be cancelled, encoded ahead, stored compactly and traced.
+
+What a call yields: each frame at most once, with the result it keeps. A "both" call tracks the
+start frame twice, as SAM2 does (the backward pass starts on it again, and an object not
+prompted there gets a new result from it), so that frame is yielded once, from the backward pass:
+forward start+1..high, then backward start..low. A call cancelled before the backward pass
+reaches the start frame yields it last, with the forward result that then stays.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .features import release_free_memory
+from .mask_store import MaskStore
+from .memory_trace import MemoryTrace, trace_record
+from .tracking_state import TrackingState
+
+TRIM_EVERY = 8  # frames between returns of freed heap memory to the OS (a trim costs ~1 ms)
+
+
+@dataclass(frozen=True)
+class Pass:
+    reverse: bool
+    first: int
+    last: int
+    yields_first: bool = True
+
+    @property
+    def frames(self) -> range:
+        step = -1 if self.reverse else 1
+        return range(self.first, self.last + step, step)
+
+
+def plan_passes(direction: str, start: int, conditioning: list[int], num_frames: int, low_stop=None,
+                high_stop=None, refine=False) -> list[Pass]:
+    """The passes of one call. Default: from `start` to the volume's ends. `refine` (a correction at
+    `start`): each pass stops before the next conditioning frame. low/high_stop: the last frames to reach."""
+    passes = []
+    if direction in ("forward", "both"):
+        end = num_frames - 1
+        if refine:
+            end = min([c - 1 for c in conditioning if c > start] + [end])
+        passes.append(Pass(False, start, end if high_stop is None else min(end, high_stop),
+                           yields_first=direction != "both"))
+    if direction in ("backward", "both"):
+        end = 0
+        if refine:
+            end = max([c + 1 for c in conditioning if c < start] + [end])
+        passes.append(Pass(True, start, end if low_stop is None else max(end, low_stop)))
+    return passes
+
+
+def keep_logits(results: MaskStore, frame: int, obj_ids, video_res_logits) -> dict:
+    """Threshold (obj, 1, rows, cols) logits at 0, store each object's mask, return {obj_id: mask}."""
+    masks = (video_res_logits[:, 0] > 0.0).cpu().numpy()
+    out = {}
+    for i, obj_id in enumerate(obj_ids):
+        out[obj_id] = masks[i]
+        results.put(obj_id, frame, masks[i])
+    return out
+
+
+class Propagator:
+    """Runs planned passes on a session's tracking state; stores masks and memory-trace records."""
+
+    def __init__(self, model, tracking: TrackingState, results: MaskStore, trace: MemoryTrace):
+        self.model, self.tracking, self.results, self.trace = model, tracking, results, trace
+        self._predictor = model.predictor
+
+    def run(self, passes: list[Pass], cancel: threading.Event | None, probabilities: bool):
+        held = None  # the start frame of a "both" call, until the backward pass redoes it
+        for p in passes:
+            done = 0
+            for frame, item in self._run_pass(p, cancel, probabilities):
+                done += 1
+                if frame == p.first and not p.yields_first:
+                    held = item
+                    continue
+                if held is not None and frame == held[0]:
+                    held = None
+                yield item
+            if done < len(p.frames):  # cancelled: what finished is kept; the start frame's result stands
+                if held is not None:
+                    yield held
+                return
+
+    def _run_pass(self, p: Pass, cancel, probabilities):
+        order = p.frames
+        if not order:
+            return
+        state = self.tracking.inference_state
+        prefetcher = self.model.prefetcher(state, order)
+        try:
+            with self.model.lock, torch.inference_mode():
+                self._predictor.propagate_in_video_preflight(state)
+                # the memories of the slices this pass redoes describe results being replaced: none
+                # of its frames reads them (slices a later pass redoes are read as they stand, as
+                # SAM2 reads them; a frame never reads its own entry: SelfSortingMemoryBank.read)
+                self.tracking.discard_bank_frames(order)
+            for position, frame in enumerate(order):
+                if cancel is not None and cancel.is_set():
+                    return
+                if prefetcher is not None:
+                    prefetcher.advance(position)
+                if position % TRIM_EVERY == TRIM_EVERY - 1:
+                    release_free_memory()
+                with self.model.lock, torch.inference_mode(), self.model.autocast():
+                    item = self._track_frame(frame, p.reverse, probabilities)
+                yield frame, item
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
+                state.pop("prefetcher", None)
+
+    def _track_frame(self, frame, reverse, probabilities):
+        """All objects on one frame (conditioning frames reuse their prompt result)."""
+        state, predictor = self.tracking.inference_state, self._predictor
+        self.tracking.use_frame(frame)
+        obj_ids = list(state["obj_ids"])
+        per_obj = []
+        for obj_idx, obj_id in enumerate(obj_ids):
+            out_dict = self.tracking.outputs(obj_idx)
+            cond_out = out_dict["cond_frame_outputs"].get(frame)
+            if cond_out is not None:
+                logits = cond_out["pred_masks"].to(state["device"], non_blocking=True)
+            else:
+                out, logits = predictor._run_single_frame_inference(
+                    inference_state=state, output_dict=out_dict, frame_idx=frame, batch_size=1,
+                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
+                    run_mem_encoder=True)
+                out_dict["non_cond_frame_outputs"][frame] = out
+                self._trace(obj_id, obj_idx, frame, reverse)
+            state["frames_tracked_per_obj"][obj_idx][frame] = {"reverse": reverse}
+            per_obj.append(logits)
+        _, video_res = predictor._get_orig_video_res_output(state, torch.cat(per_obj, dim=0))
+        masks = keep_logits(self.results, frame, obj_ids, video_res)
+        if not probabilities:
+            return frame, masks
+        probs = torch.sigmoid(video_res[:, 0].float()).cpu().numpy()
+        return frame, masks, {o: probs[i].astype(np.float32) for i, o in enumerate(obj_ids)}
+
+    def _trace(self, obj_id, obj_idx, frame, reverse):
+        tracking = self._predictor.last_tracking
+        bank = self.tracking.bank(obj_idx)
+        if bank is not None:
+            memory, held = "self-sorting", bank.frames()
+        else:  # SAM2 holds every tracked frame; the next frame along this direction reads these
+            stored = self.tracking.outputs(obj_idx)["non_cond_frame_outputs"]
+            following = frame - 1 if reverse else frame + 1
+            memory, held = "sam2", [f for f in self._predictor.recency_window(following, reverse) if f in stored]
+        self.trace.add(trace_record(obj_id, tracking, memory, self.tracking.conditioning_frames(obj_id), held))
