@@ -175,11 +175,14 @@ def test_a_killed_child_is_restarted_by_the_next_action_with_the_users_prompts(r
         first_pid = engine.pid
         job = session.submit_propagate("both", slice_normal=AXIAL)  # the user's next job, mid-flight
         run_main_loop(session.poll, lambda: job.done_frames >= 1 or job.done, timeout=120)
+        before_kill = sf.segment_array(scene, segmentation, segment_id, volume)
         os.kill(first_pid, signal.SIGKILL)
         run_main_loop(session.poll, lambda: job.done, timeout=60)
         assert "stopped unexpectedly" in str(job.error) and "next action restarts it" in str(job.error)
-        partial = sf.segment_array(scene, segmentation, segment_id, volume)
-        assert not (kept & ~partial).any(), "nothing already in the segment is lost"
+        after = sf.segment_array(scene, segmentation, segment_id, volume)
+        np.testing.assert_array_equal(after, before_kill)  # nothing already in the segment is lost
+        assert session.undo() is job.action, "the slices it finished are one undo step"
+        np.testing.assert_array_equal(sf.segment_array(scene, segmentation, segment_id, volume), kept)
 
         # the next action restarts the child and re-opens the session with the prompts
         other = sf.ijk_to_ras(volume, (60, 60, k + 3) + np.zeros(3))
@@ -187,7 +190,7 @@ def test_a_killed_child_is_restarted_by_the_next_action_with_the_users_prompts(r
         assert engine.pid != first_pid and engine.restarts == 1 and not _alive(first_pid)
         assert any("restarted" in n and "1 prompt" in n for n in session.notices), session.notices
         engine_now = session.layout(AXIAL).slab_to_kji(session.engine_masks(AXIAL))
-        np.testing.assert_array_equal(engine_now[k], kept[k]), "the first prompt was replayed"
+        np.testing.assert_array_equal(engine_now[k], kept[k])  # the first prompt was replayed
         session.close()
     finally:
         engine.close()
