@@ -1,0 +1,54 @@
+"""`medsam2 serve`: the console verb's checks, and the real process end to end."""
+
+import httpx
+import pytest
+
+import medsam2
+from medsam2.remote.net import is_loopback
+from remote_fixtures import TOKEN, ServeProcess, make_volume
+
+
+def test_serve_refuses_a_network_address_without_a_token(monkeypatch, capsys, tmp_path):
+    from medsam2 import cli
+
+    monkeypatch.delenv("MEDSAM2_TOKEN", raising=False)
+    assert cli.main(["serve", "--host", "0.0.0.0", "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert "no such file" in capsys.readouterr().err  # arguments are checked before anything loads
+    for host in ("0.0.0.0", "192.168.1.20", "gpu-box.local"):
+        assert cli.main(["serve", "--host", host]) == 1
+        err = capsys.readouterr().err
+        assert f"refusing to listen on {host} without a token" in err and "--insecure" in err
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert cli.main(["serve", "--token-file", str(empty)]) == 1
+    assert "first line is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--token", "a", "--token-file", str(empty)])
+
+
+def test_serve_end_to_end(random_checkpoint, tmp_path):
+    served = ServeProcess(random_checkpoint, tmp_path, args=["--max-sessions", "2", "--session-ttl", "60",
+                                                             "--max-upload-mb", "4", "--max-uploads", "3"])
+    try:
+        with medsam2.connect(served.url, token=TOKEN) as remote:
+            info = remote.refresh_info()
+            assert (info["image_size"], info["sessions"]["max"], info["max_upload_mb"]) == (256, 2, 4)
+            assert info["session_ttl"] == 60 and info["weights_are_random"]
+            assert info["limits"]["max_uploads"] == 3 and info["limits"]["max_side"] == 4096
+            session = remote.open(make_volume(slices=4))
+            assert session.add_prompt(1, points=[[33, 30]], labels=[1]).shape == (64, 64)
+            session.close()
+        assert httpx.get(f"{served.url}/v1/info", timeout=5).status_code == 401
+    finally:
+        output = served.stop()
+    assert "token required" in output and "RANDOM WEIGHTS" in output
+    assert TOKEN not in output
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("localhost", True), ("LOCALHOST", True), ("LocalHost.", True), ("127.0.0.1", True), ("127.9.8.7", True),
+    ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("192.168.1.20", False), ("gpu-box.local", False),
+    ("localhost.example.org", False), ("", False)])
+def test_one_loopback_rule_for_the_server_and_the_client(host, loopback):
+    """`medsam2 serve` needs no token there, and the client ignores proxy settings there."""
+    assert is_loopback(host) is loopback
