@@ -42,7 +42,10 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on")
+        # log_config=None: uvicorn's loggers propagate to the root logger (no handler of its own
+        # bound to whatever stdout the test that started it had)
+        config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=2,
+                                lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -71,7 +74,7 @@ def free_port():
 class ServeProcess:
     """`medsam2 serve` in its own process on 127.0.0.1, as a user starts it (output to a file)."""
 
-    def __init__(self, checkpoint, tmp_path, port=None, args=(), name="serve"):
+    def __init__(self, checkpoint, tmp_path, port=None, args=(), name="serve", wait=True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         token_file = tmp_path / f"{name}.token"
@@ -85,7 +88,8 @@ class ServeProcess:
                         "--port", str(self.port), "--token-file", str(token_file), *args]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.wait_healthy()
+        if wait:
+            self.wait_healthy()
 
     def wait_healthy(self, timeout=120):
         deadline = time.monotonic() + timeout

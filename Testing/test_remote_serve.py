@@ -1,11 +1,13 @@
 """`medsam2 serve`: the console verb's checks, and the real process end to end."""
 
 import httpx
+import numpy as np
 import pytest
 
 import medsam2
+from medsam2.remote.client import SessionReopened
 from medsam2.remote.net import is_loopback
-from remote_fixtures import TOKEN, ServeProcess, make_volume
+from remote_fixtures import TOKEN, ServeProcess, make_volume, same_frames
 
 
 def test_serve_refuses_a_network_address_without_a_token(monkeypatch, capsys, tmp_path):
@@ -52,3 +54,50 @@ def test_serve_end_to_end(random_checkpoint, tmp_path):
 def test_one_loopback_rule_for_the_server_and_the_client(host, loopback):
     """`medsam2 serve` needs no token there, and the client ignores proxy settings there."""
     assert is_loopback(host) is loopback
+
+
+def history(correction):
+    """A session's life: prompts on two objects, a propagation, a hand-edited correction on a
+    propagated slice refined by a second propagation, a click, a clear and a removal."""
+    return [
+        lambda s: s.add_prompt(2, obj_id=1, points=[[33, 30], [10, 10]], labels=[1, 0]),
+        lambda s: s.add_prompt(5, obj_id=2, box=(24, 20, 44, 42)),
+        lambda s: s.add_prompt(3, obj_id=3, points=[[30, 28]], labels=[1]),
+        lambda s: list(s.propagate()),
+        lambda s: s.add_prompt(4, obj_id=1, mask=correction),
+        lambda s: list(s.propagate(direction="forward", start=4)),
+        lambda s: s.add_prompt(6, obj_id=1, points=[[31, 31]], labels=[1]),
+        lambda s: s.clear_prompts(6, 1),
+        lambda s: s.remove_object(3),
+    ]
+
+
+def test_masks_after_a_sigkill_and_restart_equal_masks_without_one(model, random_checkpoint, tmp_path):
+    vol = make_volume(slices=8, seed=31)
+    correction = np.zeros((64, 64), bool)
+    correction[24:36, 26:40] = True
+    local = model.open(vol)
+    for step in history(correction):
+        step(local)
+    served = ServeProcess(random_checkpoint, tmp_path, name="first")
+    try:
+        remote = medsam2.connect(served.url, token=TOKEN).open(vol)
+        for step in history(correction):
+            step(remote)
+        assert np.array_equal(remote.masks(), local.masks())
+        served.kill()  # SIGKILL: the server's memory is gone, sessions and volume with it
+        served = ServeProcess(random_checkpoint, tmp_path, port=served.port, name="second")
+        reopened = []
+        remote.on_reopen = reopened.append
+        with pytest.warns(SessionReopened) as warned:
+            got = remote.add_prompt(7, obj_id=2, points=[[34, 32]], labels=[1])
+        assert np.array_equal(got, local.add_prompt(7, obj_id=2, points=[[34, 32]], labels=[1]))
+        same_frames(list(remote.propagate(direction="backward", start=7)),
+                    list(local.propagate(direction="backward", start=7)))
+        labels = remote.masks()
+        assert np.array_equal(labels, local.masks())
+        assert set(np.unique(labels)) == {0, 1, 2}, "both objects must have foreground for this to mean anything"
+        assert "replayed 5 prompt(s) and 2 propagation(s)" in str(warned[0].message)
+        assert reopened == [str(warned[0].message)]
+    finally:
+        served.stop()

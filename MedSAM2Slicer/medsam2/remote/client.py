@@ -17,6 +17,8 @@ included) with a warning that says so.
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import threading
 import time
 import uuid
@@ -73,7 +75,7 @@ class RemoteModel:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._http = httpx.Client(
-            base_url=self.url, headers=headers, verify=verify,
+            base_url=self.url, headers=headers, verify=_tls_verification(verify),
             timeout=httpx.Timeout(timeout, connect=10.0),
             # a proxy from the environment must not capture a loopback server
             trust_env=not is_loopback(parts.hostname),
@@ -195,6 +197,16 @@ class RemoteModel:
                 if getattr(exc, "kind", "") != "volume_unknown" or attempt:
                     raise
         raise AssertionError("unreachable")
+
+
+def _tls_verification(verify):
+    """True / False, an ssl.SSLContext, or the path of a CA bundle file or folder -> what httpx takes."""
+    if isinstance(verify, (str, os.PathLike)):
+        path = os.fspath(verify)
+        if not os.path.exists(path):
+            raise InputError(f"verify={path!r}: no such CA bundle file or folder")
+        return ssl.create_default_context(capath=path) if os.path.isdir(path) else ssl.create_default_context(cafile=path)
+    return verify
 
 
 def _image_stack(images) -> np.ndarray:
