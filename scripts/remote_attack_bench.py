@@ -3,23 +3,26 @@
 
     PYTHONPATH=MedSAM2Slicer python scripts/remote_attack_bench.py [--image-size 256] [--device cpu]
 
-Starts `medsam2 serve` with its default limits (random test weights, so nothing is downloaded)
-on a free loopback port, attacks it, and reads its memory from /proc (Linux). docs/remote.md
+Starts `medsam2 serve` (random test weights, so nothing is downloaded; --max-upload-mb 128, other
+limits as shipped) on a free loopback port, attacks it, and reads its memory from /proc (Linux).
+docs/remote.md
 quotes this table. Each row: the server's RSS before the case, at its peak during it, and after;
-the worst /v1/health answer while it ran; what the attacker got back.
+the worst /v1/health answer while it ran (polled every 10 ms from another process); what the
+attacker got back.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,7 +47,8 @@ def status_kb(pid, key):
 
 
 class Served:
-    def __init__(self, tmp: Path, image_size: int, device: str):
+    def __init__(self, tmp: Path, image_size: int, device: str, max_upload_mb: float):
+        self.max_upload_mb = max_upload_mb
         ckpt = write_random_checkpoint(tmp / "random.pt", "sam2.1_hiera_tiny", seed=0, image_size=image_size)
         (tmp / "token").write_text(TOKEN)
         with socket.socket() as s:
@@ -55,7 +59,7 @@ class Served:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "medsam2.cli", "serve", "--model", "sam2.1_hiera_tiny", "--checkpoint", str(ckpt),
              "--image-size", str(image_size), "--device", device, "--port", str(self.port), "--token-file",
-             str(tmp / "token"), "--log-level", "error"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(tmp / "token"), "--max-upload-mb", str(max_upload_mb), "--log-level", "error"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -81,97 +85,133 @@ class Served:
         self.proc.wait(30)
 
 
+def _poll_health(url, worst, stop):
+    with httpx.Client(timeout=60) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            http.get(f"{url}/v1/health")
+            worst.value = max(worst.value, time.perf_counter() - t0)
+            time.sleep(0.01)
+
+
 class HealthWatch:
-    """Polls /v1/health every 10 ms; .worst is the slowest answer (s)."""
+    """Polls /v1/health every 10 ms from another process (the attacker's own work must not delay
+    it); .worst is the slowest answer (s)."""
 
     def __init__(self, url):
-        self.url, self.worst, self._stop = url, 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._worst, self._stop = multiprocessing.Value("d", 0.0), multiprocessing.Event()
+        self._proc = multiprocessing.Process(target=_poll_health, args=(url, self._worst, self._stop), daemon=True)
 
-    def _poll(self):
-        with httpx.Client(timeout=60) as http:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                http.get(f"{self.url}/v1/health")
-                self.worst = max(self.worst, time.perf_counter() - t0)
-                time.sleep(0.01)
+    @property
+    def worst(self):
+        return self._worst.value
 
     def __enter__(self):
-        self._thread.start()
+        self._proc.start()
+        time.sleep(0.5)
+        self._worst.value = 0.0
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        self._proc.join(30)
 
 
 def put(url, digest, body, headers, timeout=300):
     return httpx.put(f"{url}/v1/volumes/{digest}", content=body, headers={**AUTH, **headers}, timeout=timeout)
 
 
-def case_uploads(srv):
-    for i in range(40):
-        vol = np.full((64, 256, 256), float(i), np.float32)  # 16 MiB each, a few KiB compressed
-        headers, body = wire.encode_array(vol)
-        r = put(srv.url, wire.volume_digest(vol), body, headers)
-    return f"40 x 16 MiB uploads: last {r.status_code}"
-
-
-def case_mask_prompt(srv):
-    vol = np.zeros((4, 64, 64), np.int16)
+def open_session(srv, vol):
     headers, body = wire.encode_array(vol)
     digest = wire.volume_digest(vol)
     put(srv.url, digest, body, headers)
-    sid = httpx.post(f"{srv.url}/v1/sessions", json={"volume": digest}, headers=AUTH, timeout=60).json()["session"]
-    bits = base64.b64encode(zstandard.ZstdCompressor().compress(bytes(50 * MIB))).decode()
-    r = httpx.post(f"{srv.url}/v1/sessions/{sid}/prompts", headers=AUTH, timeout=120,
-                   json={"frame": 1, "mask": {"shape": [20000, 20000], "bits": bits}})
-    return f"20000 x 20000 mask prompt ({len(bits)} B): {r.status_code}"
+    return httpx.post(f"{srv.url}/v1/sessions", json={"volume": digest}, headers=AUTH, timeout=60).json()["session"]
 
 
-def case_stalled_uploads(srv):
-    socks, answers = [], []
-    for i in range(3):
-        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-        sock.sendall((f"PUT /v1/volumes/{i:064x} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                      f"X-MedSAM2-Dtype: <f4\r\nX-MedSAM2-Shape: 256,1024,1024\r\nX-MedSAM2-Codec: raw\r\n"
-                      f"Content-Length: {1 << 30}\r\n\r\n").encode() + bytes(MIB))
-        socks.append(sock)
-    time.sleep(1.0)
-    for sock in socks:
-        sock.setblocking(False)
-        try:
-            answers.append(sock.recv(12).decode()[9:12] or "-")
-        except BlockingIOError:
-            answers.append("-")
-    held = srv.rss()
-    for sock in socks:
-        sock.close()
-    time.sleep(1.0)
-    return f"3 uploads declaring 1 GiB, 1 MiB sent, stalled (held {held:.0f} MiB): {'/'.join(answers)}"
+# Each case prepares its payload, then returns the attack (run while health is watched).
+def case_uploads(srv):
+    bodies = []
+    for i in range(40):
+        vol = np.full((64, 256, 256), float(i), np.float32)  # 16 MiB each, a few KiB compressed
+        bodies.append((wire.volume_digest(vol), *wire.encode_array(vol)[::-1]))
+
+    def attack():
+        codes = {put(srv.url, digest, body, headers).status_code for digest, body, headers in bodies}
+        kept = httpx.get(f"{srv.url}/v1/info", headers=AUTH, timeout=10).json()["volumes"]
+        return f"40 uploads of 16 MiB ({kept} kept, unused): {'/'.join(map(str, sorted(codes)))}"
+    return attack
+
+
+def case_mask_prompt(srv):
+    sid = open_session(srv, np.zeros((4, 64, 64), np.int16))
+    bits = base64.b64encode(zstandard.ZstdCompressor().compress(bytes(20000 * 20000 // 8))).decode()
+    body = json.dumps({"frame": 1, "mask": {"shape": [20000, 20000], "bits": bits}}).encode()
+
+    def attack():
+        r = httpx.post(f"{srv.url}/v1/sessions/{sid}/prompts", headers={**AUTH, "Content-Type": "application/json"},
+                       content=body, timeout=120)
+        return f"mask prompt declaring 20000 x 20000 ({len(body)} B): {r.status_code}"
+    return attack
+
+
+def case_stalled_uploads(srv, count=5):
+    slices = int(srv.max_upload_mb) // 4  # float32 slices of 1024 x 1024: the limit's size
+
+    def attack():
+        socks, answers = [], []
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall((f"PUT /v1/volumes/{i:064x} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          f"X-MedSAM2-Dtype: <f4\r\nX-MedSAM2-Shape: {slices},1024,1024\r\nX-MedSAM2-Codec: raw\r\n"
+                          f"Content-Length: {slices << 22}\r\n\r\n").encode() + bytes(MIB))
+            socks.append(sock)
+            time.sleep(0.2)
+        time.sleep(0.5)
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                answers.append(sock.recv(12).decode()[9:12] or "-")
+            except BlockingIOError:
+                answers.append("-")
+        held = srv.rss()
+        for sock in socks:
+            sock.close()
+        time.sleep(1.0)
+        return (f"{count} uploads declaring {slices * 4} MiB send 1 MiB, stall (RSS {held:.0f}), close: "
+                f"{'/'.join(answers)}")
+    return attack
 
 
 def case_nan_volume(srv):
     vol = np.full((128, 512, 512), np.nan, np.float32)
     headers, body = wire.encode_array(vol)
-    r = put(srv.url, wire.volume_digest(vol), body, headers)
-    return f"128 MiB all-NaN upload ({len(body)} B sent): {r.status_code}"
+    digest = wire.volume_digest(vol)
+    del vol
+
+    def attack():
+        r = put(srv.url, digest, body, headers)
+        return f"128 MiB all-NaN upload ({len(body)} B sent): {r.status_code}"
+    return attack
 
 
 def case_points(srv):
-    vol = np.zeros((4, 64, 64), np.int16)
-    digest = wire.volume_digest(vol)
-    sid = httpx.post(f"{srv.url}/v1/sessions", json={"volume": digest}, headers=AUTH, timeout=60).json()["session"]
-    t0 = time.perf_counter()
-    r = httpx.post(f"{srv.url}/v1/sessions/{sid}/prompts", headers=AUTH, timeout=600,
-                   json={"frame": 1, "points": [[30.0, 30.0]] * 100_000, "labels": [1] * 100_000})
-    return f"100,000-point prompt: {r.status_code} in {time.perf_counter() - t0:.2f} s"
+    sid = open_session(srv, np.zeros((4, 64, 64), np.int16))
+    body = json.dumps({"frame": 1, "points": [[30.0, 30.0]] * 100_000, "labels": [1] * 100_000}).encode()
+
+    def attack():
+        t0 = time.perf_counter()
+        r = httpx.post(f"{srv.url}/v1/sessions/{sid}/prompts", headers={**AUTH, "Content-Type": "application/json"},
+                       content=body, timeout=600)
+        return f"100,000-point prompt ({len(body) / MIB:.1f} MiB): {r.status_code} in {time.perf_counter() - t0:.2f} s"
+    return attack
 
 
 def case_geometry(srv):
-    r = put(srv.url, "ab" * 32, b"", {"X-MedSAM2-Dtype": "|u1", "X-MedSAM2-Shape": "1,1,67108864",
-                                      "X-MedSAM2-Codec": "raw"})
-    return f"1 x 1 x 2^26 volume: {r.status_code}"
+    def attack():
+        r = put(srv.url, "ab" * 32, b"", {"X-MedSAM2-Dtype": "|u1", "X-MedSAM2-Shape": "1,1,67108864",
+                                          "X-MedSAM2-Codec": "raw"})
+        return f"1 x 1 x 2^26 volume: {r.status_code}"
+    return attack
 
 
 def client_decode():
@@ -187,25 +227,30 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-upload-mb", type=float, default=128,
+                   help="the server's limit (default 128: unused volumes are kept up to twice that)")
     args = p.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        srv = Served(Path(tmp), args.image_size, args.device)
+        srv = Served(Path(tmp), args.image_size, args.device, args.max_upload_mb)
         try:
-            rows = []
             for case in (case_uploads, case_mask_prompt, case_stalled_uploads, case_nan_volume, case_points,
                          case_geometry):
+                attack = case(srv)
                 before = srv.rss()
                 srv.reset_peak()
                 with HealthWatch(srv.url) as watch:
-                    what = case(srv)
+                    what = attack()
                 time.sleep(0.5)
                 rows.append((what, before, srv.peak(), srv.rss(), watch.worst * 1000))
         finally:
             srv.stop()
-    print(f"medsam2 serve, default limits, random weights at {args.image_size} px on {args.device}")
-    print(f"{'case: answer':<72} {'RSS before':>10} {'peak':>8} {'after':>8} {'health worst':>13}")
+    print(f"medsam2 serve --max-upload-mb {args.max_upload_mb:g} (other limits default), random weights at "
+          f"{args.image_size} px on {args.device}; RSS in MiB")
+    print(f"| {'case: answer':<88} | before | peak | after | health, worst |")
+    print(f"|{'-' * 90}|-------:|-----:|------:|--------------:|")
     for what, before, peak, after, worst in rows:
-        print(f"{what:<72} {before:>7.0f} MiB {peak:>4.0f} MiB {after:>4.0f} MiB {worst:>9.0f} ms")
+        print(f"| {what:<88} | {before:6.0f} | {peak:4.0f} | {after:5.0f} | {worst:10.0f} ms |")
     before, after = client_decode()
     print(f"client: 2000 decoded 512 x 512 frames: RSS {before:.0f} -> {after:.0f} MiB")
 

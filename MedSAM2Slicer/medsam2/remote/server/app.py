@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.security import HTTPBearer
@@ -73,6 +74,11 @@ def _lifespan(state: ServerState):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         install_access_log_filter()  # after uvicorn has configured its loggers
+        # The model, torch and the app are a few hundred thousand long-lived objects: a full
+        # garbage collection walking them takes ~0.2 s, with the GIL held, on whichever thread
+        # triggers it, and the event loop waits. Frozen, later collections skip them.
+        gc.collect()
+        gc.freeze()
         reaper = asyncio.create_task(_reap_forever(state))
         try:
             yield

@@ -78,9 +78,9 @@ def describe_validation(errors: list) -> str:
     for err in errors[:8]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
-            parts.append(f"request body is not valid JSON ({ctx.get('error', err.get('msg'))} at position "
-                         f"{err.get('loc', ('', '?'))[-1]})")
+            ctx, where = err.get("ctx") or {}, err.get("loc") or ()
+            at = f" at position {where[-1]}" if len(where) > 1 else ""
+            parts.append(f"request body is not valid JSON ({ctx.get('error', err.get('msg'))}{at})")
         else:
             parts.append(f"{loc}: {err.get('msg')}")
     more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""

@@ -22,14 +22,13 @@ class Limits:
     max_side: int = 4096  # every dimension of a volume: frames, rows, cols (any axis can be framed)
     max_points: int = 256  # points (and labels) in one prompt
     max_objects: int = 64  # objects in one session
-    json_body_mb: float = 16  # any JSON request; a mask prompt is at most a few hundred KiB
 
     def __post_init__(self):
         for name in ("max_sessions", "max_uploads", "max_side", "max_points", "max_objects"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer; got {value!r}")
-        for name in ("session_ttl", "max_upload_mb", "json_body_mb"):
+        for name in ("session_ttl", "max_upload_mb"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise InputError(f"{name} must be positive; got {value!r}")
@@ -40,10 +39,20 @@ class Limits:
 
     @property
     def json_body_bytes(self) -> int:
-        return int(self.json_body_mb * MIB)
+        """The largest JSON request: a mask prompt on the largest frame, in base64 of packed bits
+        that did not compress at all, with room to spare (usually it is a few KiB)."""
+        return self.max_side * self.max_side // 8 * 4 // 3 + 256 * 1024
+
+    @property
+    def json_values(self) -> int:
+        """The most values (counted by their separators) one JSON request may carry: enough for a
+        prompt of max_points points and labels. Checked before parsing, which runs on the event
+        loop: 100,000 points would hold it for a quarter of a second."""
+        return 8 * self.max_points + 256
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "max_obj_id": MAX_OBJ_ID}
+        return {**asdict(self), "max_obj_id": MAX_OBJ_ID, "json_body_bytes": self.json_body_bytes,
+                "json_values": self.json_values}
 
     def check_volume(self, shape, array_bytes: int, headers: dict | None = None) -> None:
         """Refuse a volume (by its declared shape and decoded size) before any work: 400 if it is
