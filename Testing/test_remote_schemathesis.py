@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
+from schemathesis import GenerationMode  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -19,8 +20,8 @@ import medsam2  # noqa: E402
 from medsam2.remote import wire  # noqa: E402
 from remote_fixtures import AUTH, TOKEN, ServeProcess, make_volume  # noqa: E402
 
-EXAMPLES = 30  # per operation
-PROPAGATE_EXAMPLES = 8  # a valid one runs the engine over the volume (three axes when fused)
+EXAMPLES = 60  # per operation
+PROPAGATE_EXAMPLES = 12  # a valid one runs the engine over the volume (three axes when fused)
 BUDGET_S = 75.0  # the whole run; examples past it are skipped
 RSS_BOUND_MB = 150  # server memory after the run, over its memory before
 
@@ -36,8 +37,20 @@ class LiveSession:
 
     def renew(self):
         self.session = self.remote.open(self.volume)
+        self.prompt()
+
+    def prompt(self):
         self.session.add_prompt(1, points=[[5, 5]], labels=[1])
         self.id = self.session.id
+
+    def ready_to_propagate(self):
+        """The generated requests reset and remove things: give the session its prompt back."""
+        if not self.session.obj_ids or self.remote.request("GET", f"/v1/sessions/{self.id}", ok=(200, 404)
+                                                           ).status_code == 404:
+            self.session.close()
+            self.renew()
+        elif not self.remote.request("GET", f"/v1/sessions/{self.id}").json()["obj_ids"]:
+            self.prompt()
 
 
 def problems_with(case, response):
@@ -69,20 +82,28 @@ def test_requests_generated_from_the_openapi_schema_get_no_5xx_and_every_4xx_say
             operation = result.ok()
             examples = PROPAGATE_EXAMPLES if operation.path.endswith("/propagate") else EXAMPLES
 
+            cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),  # fits the schema
+                              operation.as_strategy(GenerationMode.NEGATIVE))  # does not
+
             @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
                       suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(), real=st.booleans())
+            @given(case=cases, real=st.booleans())
             def fuzz(case, real):
                 if time.monotonic() > deadline:
                     return
                 if real:  # aim at the real session and volume
+                    if operation.path.endswith("/propagate"):
+                        live.ready_to_propagate()
                     if "sid" in (case.path_parameters or {}):
                         case.path_parameters["sid"] = live.id
                     if "digest" in (case.path_parameters or {}):
                         case.path_parameters["digest"] = live.digest
                     if isinstance(case.body, dict) and "volume" in case.body:
                         case.body["volume"] = live.digest
-                response = case.call(headers=AUTH, timeout=60)
+                # the token is tested elsewhere: every generated request carries the right one
+                case.headers = {**{k: v for k, v in (case.headers or {}).items() if k.lower() != "authorization"},
+                                **AUTH}
+                response = case.call(timeout=60)
                 calls.append(1)
                 problem = problems_with(case, response)
                 if problem:

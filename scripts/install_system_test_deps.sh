@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives for real: chromium (the web front end's browser tests,
 # through Playwright with the system browser: no browser download), nginx (the documented load
-# balancer) and Mesa's EGL (slice views rendered offscreen by VTK without X). Installs only what is
+# balancer, behind TLS with a test certificate made by openssl) and Mesa's EGL (slice views rendered offscreen by VTK without X). Installs only what is
 # missing; needs root (or sudo) the first time.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v openssl >/dev/null || need+=(openssl)
 ldconfig -p 2>/dev/null | grep -q "libEGL_mesa.so.0" || need+=(libegl-mesa0 libegl1)
 compgen -G "/usr/lib/*/dri/swrast_dri.so" >/dev/null || need+=(libgl1-mesa-dri)
 [ ${#need[@]} = 0 ] && exit 0

@@ -123,7 +123,7 @@ async def info(state: ServerState = Depends(state_of)):
         "volumes": len(state.volumes),
         "gpu_busy": state.gpu.locked(),
         "gpu_waiting": state.gpu.waiting(),
-        "stats": dict(state.stats),
+        "stats": state.counters(),
     }
 
 

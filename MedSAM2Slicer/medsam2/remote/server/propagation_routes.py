@@ -46,7 +46,8 @@ def cancel_propagation(sid: str, state: ServerState = Depends(state_of)):
 
 @router.post(
     "/sessions/{sid}/propagate", summary="propagate; streams NDJSON lines as frames finish",
-    response_description=__doc__.split("\n\n")[1],
+    response_description="application/x-ndjson: wait, progress and frame lines, then an end or error line "
+                         "(see docs/remote.md)",
 )
 async def propagate(sid: str, req: PropagateRequest, request: Request, state: ServerState = Depends(state_of)):
     # The engine checks the arguments now, so bad ones get a plain 400 before the stream starts

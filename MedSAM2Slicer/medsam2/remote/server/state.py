@@ -258,6 +258,10 @@ class ServerState:
         with self._stats_lock:
             self.stats[key] += n
 
+    def counters(self) -> dict:
+        with self._stats_lock:  # a key added meanwhile would break the copy
+            return dict(self.stats)
+
     def reap(self) -> None:
         """Free sessions idle past the TTL, then volumes no session uses that are as idle."""
         for sess in self.sessions.expire_idle():
