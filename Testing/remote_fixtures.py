@@ -77,6 +77,7 @@ class ServeProcess:
     def __init__(self, checkpoint, tmp_path, port=None, args=(), name="serve", wait=True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.instance = None  # its /v1/info "instance", once someone asks
         token_file = tmp_path / f"{name}.token"
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)

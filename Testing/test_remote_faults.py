@@ -324,6 +324,19 @@ def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, lo
     monkeypatch.setattr(Session, "frame_masks", broken_lookup)
     r = httpx.get(f"{server.url}/v1/sessions/{session.id}/frames/3", headers=AUTH, timeout=10)
     assert r.status_code == 500 and r.json()["error"] == "server" and "KeyError" in r.json()["message"]
+    # the client's kept-alive connection survives the 500: its next request is answered on it
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        answers = []
+        for path in (f"/v1/sessions/{session.id}/frames/3", "/v1/health"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            answers.append(answer.split(b" ", 2)[1] if answer else b"closed")
+        assert answers == [b"500", b"200"]
     with pytest.raises(ServerError, match="500"):
         session.frame_masks(3)
     monkeypatch.setattr(Session, "_track_frame", broken_tracking)

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
 from . import propagation_routes, session_routes, volume_routes
-from .errors import install_handlers
+from .errors import ServerErrorRoute, install_handlers
 from .gate import AuthGate, install_access_log_filter
 from .limits import Limits
 from .schemas import ERROR_RESPONSES
@@ -44,7 +44,7 @@ from .state import ServerState, state_of
 
 API_VERSION = 1
 
-server_router = APIRouter(tags=["server"])
+server_router = APIRouter(tags=["server"], route_class=ServerErrorRoute)
 
 
 def create_app(model, token: str | None = None, limits: Limits | None = None, **overrides) -> FastAPI:

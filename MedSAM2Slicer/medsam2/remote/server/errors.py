@@ -14,6 +14,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import InputError, MedSAM2Error
@@ -70,6 +71,28 @@ def engine_errors():
 
 def crash_body(exc: BaseException) -> dict:
     return error_body("server", f"internal server error: {type(exc).__name__}: {exc}")
+
+
+class ServerErrorRoute(APIRoute):
+    """A route whose unexpected exception becomes a logged 500 answer right where it happens.
+
+    Starlette's last-resort handler answers too, but then re-raises, and the server drops the
+    connection: a client's next request on its kept-alive connection would fail as well.
+    """
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def answer_errors(request: Request):
+            try:
+                return await handler(request)
+            except (ApiError, InputError, RequestValidationError, StarletteHTTPException):
+                raise  # answered by their handlers below
+            except Exception as exc:
+                log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+                return JSONResponse(crash_body(exc), 500)
+
+        return answer_errors
 
 
 def describe_validation(errors: list) -> str:

@@ -22,13 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from ...errors import InputError
 from ...fusion import FusionProgress
 from .. import wire
-from .errors import ApiError, crash_body, engine_errors, input_error
+from .errors import ApiError, ServerErrorRoute, crash_body, engine_errors, input_error
 from .schemas import PropagateRequest
 from .state import OpenSession, ServerState, state_of
 
 log = logging.getLogger("medsam2.remote.server")
 
-router = APIRouter(tags=["propagation"])
+router = APIRouter(tags=["propagation"], route_class=ServerErrorRoute)
 
 SESSION_WAIT_S = 10.0  # how long a propagate waits for its session's previous call before 409
 HEARTBEAT_S = 1.0  # a "wait" line this often keeps clients' read timeouts and progress bars alive

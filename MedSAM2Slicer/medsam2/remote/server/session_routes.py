@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from ...errors import InputError
 from .. import wire
-from .errors import ApiError, engine_errors
+from .errors import ApiError, ServerErrorRoute, engine_errors
 from .limits import Limits
 from .schemas import ApiErrorBody, ObjIds, OpenRequest, PromptRequest, PromptResponse, SessionInfo
 from .state import OpenSession, ServerState, close_engine, state_of
@@ -26,7 +26,7 @@ from .volume_routes import check_digest
 
 log = logging.getLogger("medsam2.remote.server")
 
-router = APIRouter()
+router = APIRouter(route_class=ServerErrorRoute)
 
 OBJ_ID_QUERY = Query(..., le=wire.MAX_OBJ_ID, description=f"object id, 1..{wire.MAX_OBJ_ID}")
 

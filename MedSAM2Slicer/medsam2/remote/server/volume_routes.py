@@ -19,13 +19,13 @@ from starlette.requests import ClientDisconnect
 
 from ...errors import InputError
 from .. import wire
-from .errors import ApiError, input_error, too_large
+from .errors import ApiError, ServerErrorRoute, input_error, too_large
 from .schemas import ApiErrorBody, VolumeInfo
 from .state import ServerState, state_of
 
 log = logging.getLogger("medsam2.remote.server")
 
-router = APIRouter(tags=["volumes"])
+router = APIRouter(tags=["volumes"], route_class=ServerErrorRoute)
 
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 CLOSE = {"Connection": "close"}  # an early refusal: the client should stop sending
