@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives for real: chromium (the web front end's browser tests,
 # through Playwright with the system browser: no browser download), nginx (the documented load
-# balancer) and Mesa's EGL (slice views rendered offscreen by VTK without X). Installs only what is
+# balancer, behind TLS with a test certificate made by openssl) and Mesa's EGL (slice views rendered offscreen by VTK without X). Installs only what is
 # missing; needs root (or sudo) the first time.
 set -euo pipefail
 need=()
@@ -13,6 +13,7 @@ LDCONFIG=$(command -v ldconfig || echo /sbin/ldconfig)  # not on a user's PATH o
 libs=$("$LDCONFIG" -p 2>/dev/null || true)
 grep -q "libEGL\.so\.1 " <<<"$libs" || need+=(libegl1)
 grep -q "libEGL_mesa\.so\.0 " <<<"$libs" || need+=(libegl-mesa0)
+command -v openssl >/dev/null || need+=(openssl)  # the nginx test's TLS certificate
 compgen -G "/usr/lib/*/dri/swrast_dri.so" >/dev/null || need+=(libgl1-mesa-dri)
 [ ${#need[@]} = 0 ] && exit 0
 echo "Installing Debian packages for the tests: ${need[*]}"

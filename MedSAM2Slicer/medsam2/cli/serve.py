@@ -4,14 +4,14 @@ Refuses to listen beyond loopback without a token unless --insecure is given, an
 argument before the model loads. The token is never printed or logged.
 """
 
-import ipaddress
 import os
 import stat
 import sys
 
 from ..cli.common import add_compile_argument, load_model_for_cli
+from ..options import DEFAULT_MODEL
+from ..remote.net import is_loopback
 
-DEFAULT_MODEL = "medsam2_latest"
 TOKEN_ENV = "MEDSAM2_TOKEN"
 
 
@@ -40,17 +40,12 @@ def add_arguments(p):
                    help="free a session idle this long (default 1800)")
     p.add_argument("--max-upload-mb", type=float, default=1024.0, metavar="N",
                    help="largest volume accepted, in MiB (default 1024)")
+    p.add_argument("--max-uploads", type=int, default=4, metavar="N",
+                   help="uploads received at once; more wait their turn (default 4)")
+    p.add_argument("--max-side", type=int, default=4096, metavar="PIXELS",
+                   help="largest side of a volume on any axis: slices, rows or cols (default 4096)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default info)")
-
-
-def is_loopback(host):
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def read_token(args):
@@ -96,6 +91,10 @@ def run(args):
         raise InputError("--session-ttl must be positive")
     if args.max_upload_mb <= 0:
         raise InputError("--max-upload-mb must be positive")
+    if args.max_uploads < 1:
+        raise InputError("--max-uploads must be at least 1")
+    if args.max_side < 1:
+        raise InputError("--max-side must be at least 1")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint}: no such file")
     token = read_token(args)
@@ -117,8 +116,9 @@ def run(args):
          f"http://{shown}:{args.port}/v1 (API docs: /docs); "
          f"{'token required' if token else 'NO TOKEN: anyone who can connect may use it'}; "
          f"{args.max_sessions} sessions, idle TTL {args.session_ttl:g} s, uploads up to {args.max_upload_mb:g} MiB")
-    server.run(model, host=args.host, port=args.port, token=token, max_sessions=args.max_sessions,
-               session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb, log_level=args.log_level)
+    server.run(model, host=args.host, port=args.port, token=token, log_level=args.log_level,
+               max_sessions=args.max_sessions, session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb,
+               max_uploads=args.max_uploads, max_side=args.max_side)
     return 0
 
 

@@ -5,68 +5,91 @@ without installing the model stack.
 
 - A volume is uploaded once as zstd-compressed raw bytes (C order). Its dtype and shape travel
   in HTTP headers; its address is `volume_digest`, a sha256 over dtype, shape and bytes, so the
-  server can check the body is exactly what the header says and a re-open skips the upload.
-- A mask is a bool array sent as zstd-compressed packed bits (1 bit per pixel), base64 in
-  JSON (a 512 x 512 mask is at most 32 KiB before compression, usually a few hundred bytes).
-- Binary responses (whole-volume masks, label maps) use the same headers as uploads.
+  receiver can check that the body is exactly what the header says, and a re-open skips the upload.
+- A bool array travels as packed bits (1 bit per pixel, `medsam2.masks.pack_mask`), flagged by a
+  header; a mask in JSON is base64 of its zstd-compressed packed bits (a 512 x 512 mask is at most
+  32 KiB before compression, usually a few hundred bytes).
+- Binary responses (whole-volume masks, label maps) use the same headers as uploads. Label maps
+  are uint16, so object ids go up to MAX_OBJ_ID.
 """
+
+from __future__ import annotations
 
 import base64
 import hashlib
-import json
+import math
+import re
+from typing import Mapping
 
 import numpy as np
 import zstandard
 
 from ..errors import InputError
+from ..masks import pack_mask, unpack_mask
 
 DTYPE_HEADER = "X-MedSAM2-Dtype"
 SHAPE_HEADER = "X-MedSAM2-Shape"
 CODEC_HEADER = "X-MedSAM2-Codec"  # "zstd" (default) or "raw"
-PACKED_HEADER = "X-MedSAM2-Packed"  # "1": bool array sent as packed bits
+PACKED_HEADER = "X-MedSAM2-Packed"  # "1": a bool array sent as packed bits
+CODECS = ("zstd", "raw")
+
+LABEL_DTYPE = np.uint16  # label maps: value = object id
+MAX_OBJ_ID = int(np.iinfo(LABEL_DTYPE).max)
 
 # Plain numeric dtypes only: object, string or structured arrays have no business on the wire.
 _KINDS = {"b", "i", "u", "f"}
+_MAX_NDIM = 32
+# digits only (no sign, point or exponent), optionally in JSON list brackets: "8,64,64" or "[8, 64, 64]"
+_SHAPE_RE = re.compile(r"^\s*\[?\s*(\d{1,12}(?:\s*,\s*\d{1,12})*)\s*\]?\s*$")
 _ZSTD_LEVEL = 3  # fast; CT and masks compress well already at low levels
 _WRITE_SIZE = 1 << 20
 
 
-def check_dtype(dtype):
-    """Return a numpy dtype for `dtype` (a string such as '<i2') or raise InputError."""
+def check_dtype(dtype) -> np.dtype:
+    """Return a numpy dtype for `dtype` (a string such as '<i2', or a dtype) or raise InputError."""
     try:
         dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise InputError(f"unsupported dtype {dtype!r}: {exc}") from None
+    except Exception as exc:  # numpy raises TypeError, ValueError, SyntaxError... on odd strings
+        raise InputError(f"unsupported dtype {str(dtype)[:80]!r}: {type(exc).__name__}") from None
     if dt.kind not in _KINDS or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
-        raise InputError(f"unsupported dtype {dtype!r}: only bool, int, uint and float arrays travel")
+        raise InputError(f"unsupported dtype {str(dtype)[:80]!r}: only bool, int, uint and float arrays travel")
     return dt
 
 
-def parse_shape(text):
+def parse_shape(text: str) -> tuple[int, ...]:
     """'8,64,64' or '[8, 64, 64]' -> (8, 64, 64); raise InputError on anything else."""
-    try:
-        shape = json.loads(text) if text.strip().startswith("[") else [int(v) for v in text.split(",")]
-        shape = tuple(int(v) for v in shape)
-    except (ValueError, TypeError):
-        raise InputError(f"bad shape header {text!r}: expected comma-separated integers like 8,512,512") from None
-    if not shape or any(v <= 0 for v in shape):
-        raise InputError(f"bad shape {shape}: every dimension must be a positive integer")
+    match = _SHAPE_RE.match(text or "")
+    if not match:
+        raise InputError(f"bad shape header {str(text)[:80]!r}: expected comma-separated positive integers "
+                         f"like 8,512,512")
+    shape = tuple(int(v) for v in match.group(1).split(","))
+    if len(shape) > _MAX_NDIM or any(v <= 0 for v in shape):
+        raise InputError(f"bad shape {list(shape)[:_MAX_NDIM]}: every dimension must be a positive integer "
+                         f"(at most {_MAX_NDIM} of them)")
     return shape
 
 
-def format_shape(shape):
+def parse_packed(text: str | None) -> bool:
+    if text in (None, "", "0"):
+        return False
+    if text == "1":
+        return True
+    raise InputError(f"bad {PACKED_HEADER} header {str(text)[:20]!r}: use 1 (packed bits) or 0")
+
+
+def format_shape(shape) -> str:
     return ",".join(str(int(v)) for v in shape)
 
 
-def nbytes(dtype, shape, packed=False):
-    """Bytes of the raw (uncompressed) payload for this dtype and shape."""
-    count = int(np.prod(shape, dtype=np.int64))
+def nbytes(dtype, shape, packed: bool = False) -> int:
+    """Bytes of the raw (uncompressed) payload for this dtype and shape (exact: Python ints)."""
+    count = math.prod(int(v) for v in shape)
     if packed:
         return (count + 7) // 8
     return count * check_dtype(dtype).itemsize
 
 
-def volume_digest(volume):
+def volume_digest(volume) -> str:
     """Content address of a volume: sha256 of dtype, shape and C-order bytes.
 
     Two uploads of the same array share one copy on the server; the same voxels in another
@@ -79,18 +102,12 @@ def volume_digest(volume):
     return h.hexdigest()
 
 
-def digest_update_header(h, dtype, shape):
-    """Start a streaming sha256 the same way `volume_digest` does (for the server's check)."""
-    h.update(f"{np.dtype(dtype).str}|{format_shape(shape)}|".encode())
-    return h
-
-
-def encode_array(arr, codec="zstd"):
+def encode_array(arr, codec: str = "zstd") -> tuple[dict, bytes]:
     """-> (headers dict, body bytes). Bool arrays travel as packed bits."""
     arr = np.asarray(arr)
     check_dtype(arr.dtype)
     packed = arr.dtype == np.bool_
-    raw = np.packbits(arr, axis=None).tobytes() if packed else np.ascontiguousarray(arr).tobytes()
+    raw = pack_mask(arr).tobytes() if packed else np.ascontiguousarray(arr).tobytes()
     body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw) if codec == "zstd" else raw
     headers = {
         DTYPE_HEADER: arr.dtype.str,
@@ -101,115 +118,165 @@ def encode_array(arr, codec="zstd"):
     return headers, body
 
 
-def decode_array(headers, body):
+class ArrayHeader:
+    """What the X-MedSAM2-* headers declare about an array body, checked."""
+
+    def __init__(self, dtype, shape, codec: str = "zstd", packed: bool = False):
+        if codec not in CODECS:
+            raise InputError(f"unknown codec {str(codec)[:20]!r}: use 'zstd' or 'raw'")
+        self.dtype = check_dtype(dtype)
+        self.shape = tuple(int(v) for v in shape)
+        self.codec = codec
+        self.packed = bool(packed)
+        if self.packed and self.dtype != np.bool_:
+            raise InputError("packed bits are only for bool arrays")
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> "ArrayHeader":
+        get = {k.lower(): v for k, v in headers.items()}.get
+        return cls(get(DTYPE_HEADER.lower(), ""), parse_shape(get(SHAPE_HEADER.lower(), "")),
+                   codec=get(CODEC_HEADER.lower(), "zstd"), packed=parse_packed(get(PACKED_HEADER.lower())))
+
+    @property
+    def array_bytes(self) -> int:
+        """Size of the decoded array in memory."""
+        return nbytes(self.dtype, self.shape)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Size of the uncompressed body."""
+        return nbytes(self.dtype, self.shape, self.packed)
+
+    @property
+    def wire_limit(self) -> int:
+        """The most body bytes an honest sender needs (zstd can grow incompressible data slightly)."""
+        raw = self.payload_bytes
+        return raw if self.codec == "raw" else raw + (raw >> 7) + (1 << 16)
+
+    def describe(self) -> str:
+        return f"dtype {self.dtype.str} shape {format_shape(self.shape)}"
+
+
+def decode_array(headers: Mapping[str, str], body: bytes) -> np.ndarray:
     """Inverse of `encode_array`: headers (any case-insensitive mapping) + body -> array."""
-    get = {k.lower(): v for k, v in headers.items()}.get
-    dtype = check_dtype(get(DTYPE_HEADER.lower(), ""))
-    shape = parse_shape(get(SHAPE_HEADER.lower(), ""))
-    codec = get(CODEC_HEADER.lower(), "zstd")
-    packed = get(PACKED_HEADER.lower(), "0") == "1"
-    decoder = StreamDecoder(dtype, shape, codec=codec, packed=packed)
+    decoder = StreamDecoder(ArrayHeader.from_headers(headers))
     decoder.feed(body)
     return decoder.finish()
 
 
-class StreamDecoder:
-    """Decode an array body chunk by chunk into a buffer of exactly the declared size.
+class _Sink:
+    """Where decompressed bytes land: grown as they arrive, never past the declared size.
 
-    Raises InputError as soon as the body yields more bytes than the header promised (so a
+    Kept apart from the zstd writer's owner on purpose: the writer holds its sink, and a sink that
+    held the writer back would make a reference cycle through a C object the garbage collector
+    cannot see, leaking the buffer and the decompression context of every body.
+    """
+
+    def __init__(self, header: ArrayHeader):
+        self.header = header
+        self.expected = header.payload_bytes
+        self.buffer = bytearray()
+
+    def write(self, data) -> int:
+        n = len(data)
+        if len(self.buffer) + n > self.expected:
+            raise InputError(f"body is longer than its header says: more than {self.expected} bytes for "
+                             f"{self.header.describe()}")
+        self.buffer += data
+        return n
+
+
+class StreamDecoder:
+    """Decode an array body chunk by chunk (upload bodies arrive in pieces).
+
+    The buffer grows with the bytes that arrive, so a stalled or lying sender holds only what it
+    sent. Raises InputError as soon as the body yields more bytes than the header promised (a
     small compressed body cannot expand without bound) and at the end if it yielded fewer.
     """
 
-    def __init__(self, dtype, shape, codec="zstd", packed=False):
-        if codec not in ("zstd", "raw"):
-            raise InputError(f"unknown codec {codec!r}: use 'zstd' or 'raw'")
-        self.dtype = check_dtype(dtype)
-        self.shape = tuple(shape)
-        self.packed = packed
-        if packed and self.dtype != np.bool_:
-            raise InputError("packed bits are only for bool arrays")
-        self.expected = nbytes(self.dtype, self.shape, packed)
-        self.buffer = bytearray(self.expected)
-        self.filled = 0
+    def __init__(self, header: ArrayHeader):
+        self.header = header
+        self._sink = _Sink(header)
         self.received = 0  # bytes on the wire
         self._writer = None
-        if codec == "zstd":
-            self._writer = zstandard.ZstdDecompressor().stream_writer(self, write_size=_WRITE_SIZE)
+        if header.codec == "zstd":
+            self._writer = zstandard.ZstdDecompressor().stream_writer(self._sink, write_size=_WRITE_SIZE,
+                                                                      closefd=False)
 
-    def write(self, data):  # sink for the zstd stream writer
-        n = len(data)
-        if self.filled + n > self.expected:
-            raise InputError(
-                f"body is longer than its header says: more than {self.expected} bytes for "
-                f"dtype {self.dtype.str} shape {format_shape(self.shape)}"
-            )
-        self.buffer[self.filled:self.filled + n] = data
-        self.filled += n
-        return n
+    @property
+    def expected(self) -> int:
+        return self._sink.expected
 
-    def feed(self, chunk):
+    @property
+    def buffer(self) -> bytearray:
+        return self._sink.buffer
+
+    def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
         if self._writer is None:
-            self.write(chunk)
+            self._sink.write(chunk)
             return
         try:
             self._writer.write(chunk)
         except zstandard.ZstdError as exc:
             raise InputError(f"body is not valid zstd data: {exc}") from None
 
-    def finish(self):
-        if self._writer is not None:
+    def finish(self) -> np.ndarray:
+        writer, self._writer = self._writer, None  # free the decompression context now
+        if writer is not None:
             try:
-                self._writer.flush()
+                writer.flush()
             except zstandard.ZstdError as exc:
                 raise InputError(f"body is not valid zstd data: {exc}") from None
-        if self.filled != self.expected:
-            raise InputError(
-                f"body is shorter than its header says: {self.filled} of {self.expected} bytes "
-                f"for dtype {self.dtype.str} shape {format_shape(self.shape)}"
-            )
-        if self.packed:
-            count = int(np.prod(self.shape, dtype=np.int64))
-            bits = np.unpackbits(np.frombuffer(self.buffer, dtype=np.uint8), count=count)
-            return bits.astype(bool).reshape(self.shape)
-        return np.frombuffer(self.buffer, dtype=self.dtype).reshape(self.shape)
+        sink = self._sink
+        if len(sink.buffer) != sink.expected:
+            raise InputError(f"body is shorter than its header says: {len(sink.buffer)} of {sink.expected} bytes "
+                             f"for {self.header.describe()}")
+        if self.header.packed:
+            return unpack_mask(sink.buffer, self.header.shape)
+        return np.frombuffer(sink.buffer, dtype=self.header.dtype).reshape(self.header.shape)
 
 
-def mask_digest(packed_bytes):
+def mask_digest(packed_bytes: bytes) -> str:
     """Short digest of a mask's packed bits: lets the server say "unchanged" instead of resending."""
     return hashlib.blake2b(packed_bytes, digest_size=8).hexdigest()
 
 
-def pack_mask(mask):
-    """bool (rows, cols) -> (packed bytes, digest)."""
-    packed = np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()
+def mask_bits(mask) -> tuple[bytes, str]:
+    """bool (rows, cols) -> (packed bits as bytes, their digest)."""
+    packed = pack_mask(mask).tobytes()
     return packed, mask_digest(packed)
 
 
-def encode_mask(mask, packed=None):
+def encode_mask(mask, packed: bytes | None = None) -> dict:
     """bool 2D mask -> JSON-able dict {shape, bits (base64 of zstd packed bits), digest}."""
     mask = np.asarray(mask, dtype=bool)
     if packed is None:
-        packed, digest = pack_mask(mask)
+        packed, digest = mask_bits(mask)
     else:
         digest = mask_digest(packed)
     bits = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(packed)
     return {"shape": list(mask.shape), "bits": base64.b64encode(bits).decode("ascii"), "digest": digest}
 
 
-def decode_mask(obj, shape=None):
-    """Inverse of `encode_mask`; `shape` (if given) is the shape the caller expects."""
+def decode_mask(obj, shape=None) -> np.ndarray:
+    """Inverse of `encode_mask`. `shape` (if given) is the shape the caller expects: a mask that
+    declares another one is refused before anything is decoded or allocated."""
     if not isinstance(obj, dict) or "shape" not in obj or "bits" not in obj:
         raise InputError("mask must be an object with 'shape' and 'bits' (as made by medsam2.remote.wire.encode_mask)")
     try:
         got_shape = tuple(int(v) for v in obj["shape"])
+    except (TypeError, ValueError, OverflowError):
+        raise InputError("mask 'shape' must be two integers (rows, cols)") from None
+    if len(got_shape) != 2 or min(got_shape) <= 0:
+        raise InputError(f"mask shape {list(got_shape)[:4]} is not a 2D (rows, cols) shape")
+    if shape is not None and tuple(shape) != got_shape:
+        # the engine's own wording, so a remote caller reads what a local one would
+        raise InputError(f"mask shape {got_shape} does not match the frame (rows, cols) {tuple(shape)}")
+    try:
         compressed = base64.b64decode(obj["bits"], validate=True)
     except (TypeError, ValueError):
-        raise InputError("mask 'shape' must be integers and 'bits' base64") from None
-    if len(got_shape) != 2 or min(got_shape) <= 0:
-        raise InputError(f"mask shape {list(got_shape)} is not a 2D (rows, cols) shape")
-    if shape is not None and tuple(shape) != got_shape:
-        raise InputError(f"mask shape {list(got_shape)} does not match the frame shape {list(shape)}")
-    decoder = StreamDecoder(np.bool_, got_shape, codec="zstd", packed=True)
+        raise InputError("mask 'bits' must be base64") from None
+    decoder = StreamDecoder(ArrayHeader(np.bool_, got_shape, codec="zstd", packed=True))
     decoder.feed(compressed)
     return decoder.finish()

@@ -1,0 +1,87 @@
+"""Request and response bodies (these make the OpenAPI page at /docs).
+
+Loose types where the engine validates: its messages are the ones a local caller would see.
+Bounds that protect the server (object ids fit the uint16 label map) are stated here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, Field
+
+from ..wire import MAX_OBJ_ID
+
+class OpenRequest(BaseModel):
+    volume: str = Field(..., description="sha256 content digest of an uploaded volume")
+    memory: str = Field("self-sorting", description='"self-sorting" or "sam2"')
+    window: Optional[List[float]] = Field(None, description="(low, high) intensity window")
+    images: bool = Field(False, description="true: the slices are independent 2D images (one-prompt mode, "
+                                            "Model.open_images), not a volume")
+
+
+class SessionInfo(BaseModel):
+    session: str
+    num_frames: int
+    frame_shape: List[int] = Field(..., description="the engine's frame shape (for an image set: the model's "
+                                                    "square canvas, as locally)")
+    obj_ids: List[int]
+    memory: str
+    ttl: float
+    image_set: bool = False
+    image_shape: List[int] = Field(..., description="(rows, cols) of every mask")
+
+
+class EncodedMask(BaseModel):
+    shape: List[int] = Field(..., description="(rows, cols)")
+    bits: str = Field(..., description="base64 of zstd-compressed np.packbits(mask)")
+    digest: Optional[str] = None
+
+
+class PromptRequest(BaseModel):
+    frame: int
+    obj_id: int = Field(1, le=MAX_OBJ_ID, description=f"object id, 1..{MAX_OBJ_ID} (labels are uint16)")
+    points: Optional[List[List[float]]] = Field(None, description="(N, 2) pixel x=col, y=row")
+    labels: Optional[List[Union[int, float]]] = Field(None, description="N labels: 1 include, 0 exclude")
+    box: Optional[List[float]] = Field(None, description="x0, y0, x1, y1")
+    mask: Optional[EncodedMask] = None
+
+
+class PromptResponse(BaseModel):
+    frame: int
+    obj_id: int
+    mask: EncodedMask
+    obj_ids: List[int]
+
+
+class PropagateRequest(BaseModel):
+    direction: str = Field("both", description='"forward", "backward" or "both"')
+    start: Optional[int] = Field(None, description="frame to run from (default: the prompted frames)")
+    stop: Optional[Union[int, Tuple[int, int]]] = Field(
+        None, description="last frame to reach; a (low, high) pair for direction both")
+    axes: Optional[Literal["one", "all"]] = Field(
+        None, description='"all": propagate along the three axes of the volume and fuse (progress lines first, '
+                          'then every fused frame)')
+
+
+class ObjIds(BaseModel):
+    obj_ids: List[int]
+
+
+class VolumeInfo(BaseModel):
+    digest: str
+    dtype: str
+    shape: List[int]
+
+
+class ApiErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+ERROR_RESPONSES = {
+    400: {"model": ApiErrorBody, "description": "bad input (the engine's message)"},
+    401: {"model": ApiErrorBody, "description": "missing or wrong token"},
+    404: {"model": ApiErrorBody, "description": "unknown or expired session / volume"},
+    422: {"model": ApiErrorBody, "description": "the request does not fit the schema"},
+}
