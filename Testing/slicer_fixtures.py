@@ -185,9 +185,12 @@ class RecordingModel:
         return [e for e in self.opened[index][2] if e[0] == "add_prompt"]
 
 
-def ct_scene(ct_volume, first=9, count=16, upsample=1):
-    """slicerio's chest CT (a slab of it) as a volume node, LPS-like like DICOM, plus a segment."""
-    values = np.ascontiguousarray(ct_volume[first:first + count]).astype(np.int16)
+def ct_scene(ct_volume, first=9, count=16, upsample=1, rows=None, cols=None):
+    """slicerio's chest CT (a slab of it; rows/cols: (start, stop) crops) as a volume node, LPS-like
+    like DICOM, plus a segment."""
+    values = ct_volume[first:first + count]
+    values = values[:, slice(*rows)] if rows else values
+    values = np.ascontiguousarray(values[:, :, slice(*cols)] if cols else values).astype(np.int16)
     if upsample > 1:
         values = np.ascontiguousarray(values.repeat(upsample, axis=1).repeat(upsample, axis=2))
     spacing = (0.7 / upsample, 0.7 / upsample, 2.5)

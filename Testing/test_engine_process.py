@@ -279,3 +279,21 @@ def test_offline_first_use_tells_the_user_how_to_give_a_checkpoint_in_their_own_
         assert "'Checkpoint file' field in MedSAM2's Settings" in text and "checkpoint=" not in text, text
     finally:
         engine.close()
+
+
+def test_fused_axes_and_image_sets_run_through_the_engine_process(engine, model, ct_volume):
+    """The module's other modes reach the child over HTTP too, with the in-process engine's results."""
+    for mode in ({"axes": "all"}, {"image_set": True}):
+        masks = []
+        for runner in (engine, model):
+            # a small crop: a fused run also propagates along the rows and the columns
+            scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, first=14, count=5, rows=(40, 80),
+                                                                          cols=(20, 60))
+            session = _session(volume, segmentation, segment_id, runner, **mode)
+            ras, _ = sf.prompt_ras(volume, values)
+            session.add_point(ras, slice_normal=AXIAL)
+            session.propagate("both", slice_normal=AXIAL)
+            masks.append(sf.segment_array(scene, segmentation, segment_id, volume))
+            session.close()
+        assert masks[0].any(), mode
+        np.testing.assert_array_equal(masks[0], masks[1])

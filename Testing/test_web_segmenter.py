@@ -176,7 +176,7 @@ def test_the_reported_prompt_is_the_clicked_voxel_on_a_rotated_volume(local):
 
 
 def test_a_remote_engine_gives_the_same_masks_as_the_local_one(local, model):
-    from test_server import TOKEN, ServerThread
+    from remote_fixtures import TOKEN, ServerThread
 
     from medsam2.remote.server import create_app
 
@@ -201,7 +201,7 @@ def test_a_remote_engine_gives_the_same_masks_as_the_local_one(local, model):
 
 
 def test_a_wrong_server_token_fails_at_start_saying_so(model):
-    from test_server import TOKEN, ServerThread
+    from remote_fixtures import TOKEN, ServerThread
 
     from medsam2.errors import MedSAM2Error
     from medsam2.remote.server import create_app

@@ -36,6 +36,10 @@ from . import channel
 
 log = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
+# The loopback server serves one user's application: one session per segment and view axis, kept as
+# long as the application runs, and volumes as large as the application holds. A remote server's
+# limits protect it from many users; these only keep the process sane.
+LOCAL_LIMITS = {"max_sessions": 1024, "session_ttl": 30 * 24 * 3600.0, "max_upload_mb": 65536, "max_side": 16384}
 # The engine computes on every core; the application's UI must stay first in line for the CPU
 # (its clicks and redraws are short, the engine's work is long), as for any background job.
 NICENESS = 5
@@ -278,7 +282,7 @@ def _serve_on_loopback(model, token):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(model, token=token)
+    app = create_app(model, token=token, **LOCAL_LIMITS)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medsam2-server", daemon=True)
