@@ -49,17 +49,9 @@ def to_vtk(m):
 
 def add_volume(scene, kji_values, ijk_to_ras, name="volume", window=None):
     """Scalar volume with these (K, J, I) voxel values and IJK-to-RAS matrix."""
-    import vtk
-    from vtk.util import numpy_support
+    from MedSAM2Lib.volume import add_volume_node
 
-    values = np.ascontiguousarray(kji_values)
-    k, j, i = values.shape
-    image = vtk.vtkImageData()
-    image.SetDimensions(i, j, k)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(to_vtk(ijk_to_ras))
+    node = add_volume_node(scene, kji_values, ijk_to_ras, name)
     if window is not None:
         display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
         display.AutoWindowLevelOff()
@@ -263,3 +255,12 @@ def load_segmentation_file(scene, path, name=None):
     node.SetAndObserveStorageNodeID(storage.GetID())
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def process_alive(pid) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -54,14 +54,6 @@ def _labelmap_mtime(segmentation, segment_id):
     return segmentation.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap").GetMTime()
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more(random_checkpoint, ct_volume):
     shell = Shell()
     scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume)
@@ -84,9 +76,9 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
         controller.poll()
     assert labelmap.GetMTime() == mtime, "no write lands in the removed segmentation"
     assert not shell.errors, shell.errors
-    assert _alive(pid), "the model stays loaded for the next scene"
+    assert sf.process_alive(pid), "the model stays loaded for the next scene"
     controller.shutdown()  # module cleanup
-    assert not _alive(pid), "no engine process is left behind"
+    assert not sf.process_alive(pid), "no engine process is left behind"
 
 
 def test_removing_the_segmentation_mid_propagation_stops_its_session(random_checkpoint, ct_volume):
@@ -122,11 +114,11 @@ def test_settings_only_a_real_change_closes_sessions_and_stops_the_engine(random
         job = controller.place_point(sf.prompt_ras(volume, values)[0], AXIAL)
         run_main_loop(controller.poll, lambda: job.done, timeout=240)
         session, pid = controller.session(create=False), controller.engine.pid
-        assert session.can_undo and _alive(pid)
+        assert session.can_undo and sf.process_alive(pid)
         assert not controller.set_settings(_settings(random_checkpoint))  # the same values again
         assert controller.session(create=False) is session and session.can_undo and controller.engine.pid == pid
         assert controller.set_settings(_settings(random_checkpoint, device="auto"))
-        assert controller.session(create=False) is None and session.closed and not _alive(pid)
+        assert controller.session(create=False) is None and session.closed and not sf.process_alive(pid)
     finally:
         controller.shutdown()
 

@@ -187,7 +187,7 @@ def test_a_killed_child_is_restarted_by_the_next_action_with_the_users_prompts(r
         # the next action restarts the child and re-opens the session with the prompts
         other = sf.ijk_to_ras(volume, (60, 60, k + 3) + np.zeros(3))
         session.add_point(other, slice_normal=AXIAL)
-        assert engine.pid != first_pid and engine.restarts == 1 and not _alive(first_pid)
+        assert engine.pid != first_pid and engine.restarts == 1 and not sf.process_alive(first_pid)
         assert any("restarted" in n and "1 prompt" in n for n in session.notices), session.notices
         engine_now = session.layout(AXIAL).slab_to_kji(session.engine_masks(AXIAL))
         np.testing.assert_array_equal(engine_now[k], kept[k])  # the first prompt was replayed
@@ -206,7 +206,7 @@ def test_closing_the_engine_stops_the_child_and_fails_waiting_requests(random_ch
     request = handle.add_prompt(1, points=[[10, 10]], labels=[1])
     engine.close()
     assert request.done and isinstance(request.error, EngineStopped)
-    assert engine.pid is None and not _alive(pid)
+    assert engine.pid is None and not sf.process_alive(pid)
     with pytest.raises(EngineStopped, match="closed"):
         engine.open(np.zeros((2, 8, 8), np.int16))
 
@@ -238,19 +238,6 @@ def test_a_bad_checkpoint_fails_the_first_request_with_the_engines_message(tmp_p
         assert engine.state == "failed"
     finally:
         engine.close()
-
-
-def _alive(pid) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) counts as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_offline_first_use_tells_the_user_how_to_give_a_checkpoint_in_their_own_words(tmp_path, monkeypatch):

@@ -310,6 +310,7 @@ def test_unreachable_server_is_a_clear_error():
 
 def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, logged, monkeypatch):
     """Only the user's mistakes are 4xx: an engine failure must not read as bad input."""
+    from medsam2.propagation import Propagator
     from medsam2.session import Session
 
     session = client.open(make_volume(seed=11))
@@ -318,7 +319,7 @@ def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, lo
     def broken_lookup(self, frame):
         raise KeyError("bank entry 7")
 
-    def broken_tracking(self, frame, reverse):
+    def broken_tracking(self, frame, reverse, probabilities):
         raise TypeError("unsupported operand for the memory attention")
 
     monkeypatch.setattr(Session, "frame_masks", broken_lookup)
@@ -339,7 +340,7 @@ def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, lo
         assert answers == [b"500", b"200"]
     with pytest.raises(ServerError, match="500"):
         session.frame_masks(3)
-    monkeypatch.setattr(Session, "_track_frame", broken_tracking)
+    monkeypatch.setattr(Propagator, "_track_frame", broken_tracking)
     with pytest.raises(ServerError, match="500.*TypeError"):
         list(session.propagate())  # in-band: the stream had started
     text = "\n".join(logged)

@@ -92,7 +92,7 @@ def test_unchanged_frames_travel_as_digests_and_missed_ones_are_fetched(model, c
     events = [json.loads(line) for line in r.text.splitlines() if line]
     frames = [e for e in events if e["type"] == "frame"]
     assert events[-1] == {"type": "end", "frames": len(frames), "cancelled": False}
-    assert [e["frame"] for e in frames] == [2, 3, 4, 5, 2, 1, 0]
+    assert [e["frame"] for e in frames] == [3, 4, 5, 2, 1, 0]  # each frame once; the prompted one backwards
     local_frames = dict(local.propagate())
     for e in frames:
         enc = e["masks"]["1"]
@@ -247,11 +247,18 @@ def test_slicer_refuses_a_server_running_random_weights_unless_allowed(server):
     """A remote model is refused on the same grounds as a local random checkpoint."""
     from medsam2.errors import CheckpointError
 
-    from MedSAM2Lib.models import ModelHolder, ModelSettings
+    from MedSAM2Lib import ModelSettings
 
     settings = ModelSettings(name="sam2.1_hiera_tiny", server_url=server.url, token=TOKEN)
-    with pytest.raises(CheckpointError, match=f"server at {server.url} holds random test weights"):
-        ModelHolder(settings).get()
-    holder = ModelHolder(ModelSettings(**{**settings.__dict__, "allow_random": True}))
-    assert holder.get().weights_are_random
+    engine = settings.create_engine()
+    try:
+        with pytest.raises(CheckpointError, match=f"server at {server.url} holds random test weights"):
+            engine.wait_ready(timeout=120)
+    finally:
+        engine.close()
+    allowed = ModelSettings(**{**settings.__dict__, "allow_random": True}).create_engine()
+    try:
+        assert allowed.wait_ready(timeout=120)["weights_are_random"]
+    finally:
+        allowed.close()
     assert_healthy(server.url)

@@ -120,8 +120,9 @@ def test_imports_point_down_only():
     users = {p.name: {m for m in _imports(p) if m.split(".")[0] == "MedSAM2Lib"}
              for p in (PACKAGES / "MedSAM2Web").rglob("*.py")}
     users = {name: mods for name, mods in users.items() if mods}
-    assert set(users) <= {"segmenter.py", "views.py"} and "segmenter.py" in users, users
-    assert users.get("views.py", set()) <= {"MedSAM2Lib.geometry"}, users
+    assert "segmenter.py" in users, users
+    for name, mods in users.items():  # elsewhere only the scene and geometry helpers, not the logic
+        assert name == "segmenter.py" or mods <= {"MedSAM2Lib.geometry", "MedSAM2Lib.volume"}, users
 
 
 def test_an_unreadable_volume_fails_before_the_model_loads(tmp_path):

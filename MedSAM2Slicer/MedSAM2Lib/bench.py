@@ -38,18 +38,14 @@ def _ct_slab(slices: int, upsample: int) -> np.ndarray:
 
 def _scene(values: np.ndarray):
     import slicer
-    import vtk
-    from vtk.util import numpy_support
+
+    from .volume import add_volume_node
 
     scene = slicer.vtkMRMLScene()
     logic = slicer.vtkSlicerSegmentationsModuleLogic()
     logic.SetMRMLScene(scene)
-    image = vtk.vtkImageData()
-    image.SetDimensions(values.shape[2], values.shape[1], values.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
-    volume.SetAndObserveImageData(image)
-    volume.SetSpacing(0.7 * 128 / values.shape[2], 0.7 * 128 / values.shape[1], 2.5)
+    spacing = (0.7 * 128 / values.shape[2], 0.7 * 128 / values.shape[1], 2.5)
+    volume = add_volume_node(scene, values, np.diag([*spacing, 1.0]), "CT")
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segment_id = segmentation.GetSegmentation().AddEmptySegment("s", "s")

@@ -7,6 +7,10 @@ redo history) is deleted. Control points are tracked by their ID, not their inde
 renumbers those after it.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 
 class Marker:
     """One prompt's marker: a control point of a markups node, or a whole node (a box's ROI)."""
@@ -52,43 +56,52 @@ class Marker:
             self.node.RemoveNthControlPoint(self._index())
 
 
+@dataclass(eq=False)
+class PlacedMarker:
+    """A marker with the session and action (compared by identity) its prompt belongs to."""
+
+    session: object
+    action: object
+    marker: Marker
+    undone: bool = False
+
+
 class PromptMarkers:
     """Which marker belongs to which action of which SegmentationSession."""
 
     def __init__(self):
-        self._entries = []  # [session, action, marker, undone]: actions compared by identity
+        self._placed: list[PlacedMarker] = []
 
-    def attach(self, session, action, marker):
+    def attach(self, session, action, marker: Marker | None) -> None:
         if marker is not None:
-            self._entries.append([session, action, marker, False])
+            self._placed.append(PlacedMarker(session, action, marker))
 
-    def _set_undone(self, session, action, undone):
-        for entry in self._entries:
-            if entry[0] is session and entry[1] is action:
-                entry[3] = undone
-                entry[2].show(not undone)
+    def _set_undone(self, session, action, undone: bool) -> None:
+        for placed in self._placed:
+            if placed.session is session and placed.action is action:
+                placed.undone = undone
+                placed.marker.show(not undone)
 
-    def undone(self, session, action):
+    def undone(self, session, action) -> None:
         self._set_undone(session, action, True)
 
-    def redone(self, session, action):
+    def redone(self, session, action) -> None:
         self._set_undone(session, action, False)
 
-    def prune(self, session):
+    def prune(self, session) -> None:
         """Delete the markers of undone actions that `session` can no longer redo. (Prompts too old
         to undo keep their markers: they still steer the engine.)"""
         keep = []
-        for entry in self._entries:
-            s, action, marker, undone = entry
-            if s is session and undone and not session.redoable(action):
-                marker.remove()
-            elif marker.alive:
-                keep.append(entry)
-        self._entries = keep
+        for placed in self._placed:
+            if placed.session is session and placed.undone and not session.redoable(placed.action):
+                placed.marker.remove()
+            elif placed.marker.alive:
+                keep.append(placed)
+        self._placed = keep
 
-    def forget_session(self, session):
+    def forget_session(self, session) -> None:
         """The session was closed (its prompts are gone from the engine): so are its markers."""
-        for entry in self._entries:
-            if entry[0] is session:
-                entry[2].remove()
-        self._entries = [e for e in self._entries if e[0] is not session]
+        for placed in self._placed:
+            if placed.session is session:
+                placed.marker.remove()
+        self._placed = [p for p in self._placed if p.session is not session]

@@ -1,4 +1,4 @@
-"""Reading a volume node: its voxels as a numpy view, and its display window."""
+"""Volume nodes and numpy: a node from an array, its voxels as a numpy view, its display window."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ def volume_array(volume_node) -> np.ndarray:
     dims = image.GetDimensions()
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     return scalars.reshape(dims[2], dims[1], dims[0])
+
+
+def add_volume_node(scene, kji_values, ijk_to_ras, name: str = "volume"):
+    """A scalar volume node holding (a copy of) these (K, J, I) voxels, with this 4x4 IJK-to-RAS."""
+    import vtk
+    from vtk.util import numpy_support
+
+    from .geometry import numpy_to_vtk_matrix
+
+    values = np.ascontiguousarray(kji_values)
+    k, j, i = values.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(numpy_to_vtk_matrix(np.asarray(ijk_to_ras, dtype=float)))
+    return node

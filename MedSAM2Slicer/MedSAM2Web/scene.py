@@ -51,22 +51,10 @@ def load_volume(scene, path, series=None) -> LoadedVolume:
 
 
 def add_volume(scene, volume: volume_io.Volume, name: str) -> LoadedVolume:
-    import vtk
-    from vtk.util import numpy_support
+    from MedSAM2Lib.volume import add_volume_node
 
-    values = np.ascontiguousarray(volume.array)
-    k, j, i = values.shape
-    image = vtk.vtkImageData()
-    image.SetDimensions(i, j, k)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(values.ravel(), deep=True))
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetAndObserveImageData(image)
-    ijk_to_ras = LPS_TO_RAS @ volume.ijk_to_lps
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(ijk_to_ras[r, c]))
-    node.SetIJKToRASMatrix(matrix)
+    values = volume.array
+    node = add_volume_node(scene, values, LPS_TO_RAS @ volume.ijk_to_lps, name)
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     display.AutoWindowLevelOff()

@@ -170,9 +170,11 @@ def ijk_to_view_point(state: dict, ijk, view: str = "Red") -> tuple[float, float
     return float(x) + 0.5, float(h - 1 - y) + 0.5
 
 
-def view_size_on_page(locator) -> list[int]:
+def view_size_on_page(locator) -> list[int] | None:
     """The size a view element gives its image: whole pixels (an element can be 248.67 px high)."""
     box = locator.bounding_box()
+    if box is None:  # not laid out yet (e.g. just after a layout change)
+        return None
     return [int(box["width"]), int(box["height"])]
 
 

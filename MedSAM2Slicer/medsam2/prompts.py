@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .masks import mask_shape_error
 from .options import DIRECTIONS
 
 
@@ -81,7 +82,7 @@ def check_box(box, shape, place="the frame"):
 def check_mask(mask, shape, place="the frame") -> torch.Tensor:
     m = np.asarray(mask)
     if m.shape != tuple(shape):
-        raise InputError(f"mask shape {m.shape} does not match {place}'s (rows, cols) {tuple(shape)}")
+        raise mask_shape_error(m.shape, shape, place)
     return torch.from_numpy(m.astype(bool))
 
 

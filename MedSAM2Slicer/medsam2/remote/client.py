@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 
 from ..errors import InputError, MedSAM2Error, ServerError, SessionExpired
+from ..masks import mask_shape_error
 from . import wire
 from .http_errors import error_from_response
 from .mirror import MaskMirror
@@ -302,7 +303,7 @@ class RemoteSession:
         if mask is not None:
             m = np.asarray(mask)
             if m.ndim != 2:
-                raise InputError(f"mask shape {m.shape} does not match the frame (rows, cols) {self._mask_shape}")
+                raise mask_shape_error(m.shape, self._mask_shape)
             payload["mask"] = wire.encode_mask(m.astype(bool))
         return self._perform(Action(ADD_PROMPT, payload))
 

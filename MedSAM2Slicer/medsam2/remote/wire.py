@@ -25,7 +25,7 @@ import numpy as np
 import zstandard
 
 from ..errors import InputError
-from ..masks import pack_mask, unpack_mask
+from ..masks import mask_shape_error, pack_mask, unpack_mask
 
 DTYPE_HEADER = "X-MedSAM2-Dtype"
 SHAPE_HEADER = "X-MedSAM2-Shape"
@@ -271,8 +271,7 @@ def decode_mask(obj, shape=None) -> np.ndarray:
     if len(got_shape) != 2 or min(got_shape) <= 0:
         raise InputError(f"mask shape {list(got_shape)[:4]} is not a 2D (rows, cols) shape")
     if shape is not None and tuple(shape) != got_shape:
-        # the engine's own wording, so a remote caller reads what a local one would
-        raise InputError(f"mask shape {got_shape} does not match the frame (rows, cols) {tuple(shape)}")
+        raise mask_shape_error(got_shape, shape)  # the engine's wording: a remote caller reads what a local one would
     try:
         compressed = base64.b64decode(obj["bits"], validate=True)
     except (TypeError, ValueError):

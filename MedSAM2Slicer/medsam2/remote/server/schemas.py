@@ -11,6 +11,7 @@ from typing import List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, Field
 
 from ..wire import MAX_OBJ_ID
+from ...options import AXES
 
 class OpenRequest(BaseModel):
     volume: str = Field(..., description="sha256 content digest of an uploaded volume")
@@ -59,7 +60,7 @@ class PropagateRequest(BaseModel):
     start: Optional[int] = Field(None, description="frame to run from (default: the prompted frames)")
     stop: Optional[Union[int, Tuple[int, int]]] = Field(
         None, description="last frame to reach; a (low, high) pair for direction both")
-    axes: Optional[Literal["one", "all"]] = Field(
+    axes: Optional[Literal[AXES]] = Field(
         None, description='"all": propagate along the three axes of the volume and fuse (progress lines first, '
                           'then every fused frame)')
 
