@@ -17,6 +17,7 @@ from .engine_api import Request
 
 
 class InProcessEngine:
+    computes_in_call = True  # requests run when made: a session must not start jobs at submission
     state = "ready"
     generation = 1
     restarts = 0

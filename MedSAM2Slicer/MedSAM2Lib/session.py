@@ -151,6 +151,19 @@ class SegmentationSession:
 
     def _enqueue(self, job):
         self._queue.append(job)
+        if self._running is None and not getattr(self.engine, "computes_in_call", False):
+            # an engine elsewhere: send the requests now rather than at the next timer tick (a
+            # click's mask comes back one tick sooner); nothing is written here, only in poll()
+            self._start_next()
+            self.engine.poll(0.0)
+        return job
+
+    def _start_next(self):
+        job = self._running = self._queue.popleft()
+        try:
+            job.start()
+        except Exception as exc:  # e.g. the segment was deleted, the engine was closed
+            job._finish(exc)
         return job
 
     def _dequeue(self, job):
@@ -257,11 +270,7 @@ class SegmentationSession:
             if job is None:
                 if not self._queue:
                     break
-                job = self._running = self._queue.popleft()
-                try:
-                    job.start()
-                except Exception as exc:  # e.g. the segment was deleted, the engine was closed
-                    job._finish(exc)
+                job = self._start_next()
             if job.status == FINISHED or job.step(deadline):
                 opened = getattr(job.state.engine, "opened", None)
                 if opened is not None and opened.error is not None:
