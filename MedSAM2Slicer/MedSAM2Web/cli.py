@@ -67,7 +67,7 @@ def default_output(volume) -> str:
 
 def check_arguments(args):
     """Every refusal before anything heavy loads. Returns (page token, server token, output path)."""
-    from medsam2.cli.serve import is_loopback
+    from medsam2.remote.net import is_loopback
     from medsam2.errors import InputError
     from medsam2.io.volume_io import check_output_path
 
@@ -121,7 +121,7 @@ def run(args) -> int:
     from trame.app import get_server
 
     from medsam2.cli.common import random_weights_banner
-    from medsam2.cli.serve import is_loopback
+    from medsam2.remote.net import is_loopback
 
     from . import routes
     from .access import AccessGate, SameOriginGuard

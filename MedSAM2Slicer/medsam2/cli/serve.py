@@ -6,11 +6,9 @@ argument before the model loads. The token is never printed or logged.
 
 import os
 import stat
-import sys
 
-from ..cli.common import add_compile_argument, load_model_for_cli
-from ..options import DEFAULT_MODEL
 from ..remote.net import is_loopback
+from .common import add_compile_argument, add_model_arguments, check_model_inputs, load_model_for_cli, say
 
 TOKEN_ENV = "MEDSAM2_TOKEN"
 
@@ -20,12 +18,7 @@ def add_arguments(p):
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, "
                         "needs a token)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"registry model name (see `medsam2 models`; default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--image-size", type=int, metavar="N",
-                   help="model input size in pixels (default: the model's own)")
+    add_model_arguments(p)
     add_compile_argument(p)
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", metavar="TOKEN",
@@ -76,7 +69,7 @@ def read_token_file(path, option="--token-file"):
     if not token:
         raise InputError(f"{option} {path}: the first line is empty")
     if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        _say(f"warning: {path} is readable by other users; chmod 600 it")
+        say(f"warning: {path} is readable by other users; chmod 600 it")
     return token
 
 
@@ -95,8 +88,7 @@ def run(args):
         raise InputError("--max-uploads must be at least 1")
     if args.max_side < 1:
         raise InputError("--max-side must be at least 1")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
+    check_model_inputs(args)
     token = read_token(args)
     if token is None and not is_loopback(args.host) and not args.insecure:
         raise InputError(
@@ -109,10 +101,10 @@ def run(args):
     if model.compiled:  # compile now, not in the first client's propagation (which could time out)
         from ..compilation import warm_up
 
-        _say(f"medsam2 serve: compiling the network ({model.compiled} mode); this takes minutes, once ...")
-        _say(f"medsam2 serve: compiled in {warm_up(model):.0f} s")
+        say(f"medsam2 serve: compiling the network ({model.compiled} mode); this takes minutes, once ...")
+        say(f"medsam2 serve: compiled in {warm_up(model):.0f} s")
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    _say(f"medsam2 serve: {model.name} at {model.image_size} px on {model.device}; "
+    say(f"medsam2 serve: {model.name} at {model.image_size} px on {model.device}; "
          f"http://{shown}:{args.port}/v1 (API docs: /docs); "
          f"{'token required' if token else 'NO TOKEN: anyone who can connect may use it'}; "
          f"{args.max_sessions} sessions, idle TTL {args.session_ttl:g} s, uploads up to {args.max_upload_mb:g} MiB")
@@ -121,6 +113,3 @@ def run(args):
                max_uploads=args.max_uploads, max_side=args.max_side)
     return 0
 
-
-def _say(text):
-    print(text, file=sys.stderr, flush=True)
