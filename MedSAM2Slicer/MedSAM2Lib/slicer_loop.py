@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import resource  # POSIX: tests and benchmarks run on Linux/macOS
-import threading
 import time
 from typing import NamedTuple
 
@@ -54,21 +53,3 @@ def slowest_tick(ticks) -> float:
 
 def _involuntary_switches() -> int:
     return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_nivcsw
-
-
-def thread_slowdown_under_loop(work) -> float:
-    """How much slower `work()` runs on a Python thread under the loop than alone: the check that
-    this loop starves threads the way Slicer's does. Torch releases the GIL around each operation,
-    so a thread doing many small ones must win the GIL back each time, i.e. wait for a tick."""
-
-    def on_thread(block):
-        thread = threading.Thread(target=work, daemon=True)
-        began = time.perf_counter()
-        thread.start()
-        block(thread)
-        thread.join()
-        return time.perf_counter() - began
-
-    alone = on_thread(lambda thread: thread.join())
-    under = on_thread(lambda thread: run_main_loop(lambda: None, lambda: not thread.is_alive(), timeout=120))
-    return under / alone
