@@ -27,9 +27,9 @@ pip_install() {  # pip install, quiet; on success only what is news to a user, o
 }
 
 TORCH_SPEC=${MEDSAM2_TORCH_SPEC:-torch==2.13.0}
-if ! "$PY" -c "import torch" 2>/dev/null; then
+if ! "$PY" -c "import torch, numpy" 2>/dev/null; then
   echo "Installing $TORCH_SPEC"
-  pip_install "$TORCH_SPEC"
+  pip_install "$TORCH_SPEC" "numpy>=1.24.4"  # numpy first too: sam2's own requirement, which --no-deps skips
 fi
 if ! "$PY" -c "import sam2.sam2_video_predictor" 2>/dev/null; then
   echo "Installing sam2 1.1.0 (from source, without its CUDA extension)"
