@@ -116,7 +116,7 @@ def test_a_mask_prompt_declaring_a_huge_shape_costs_nothing(served):
         before = served.rss_mb()
         r = httpx.post(f"{served.url}/v1/sessions/{session.id}/prompts", json=body, headers=AUTH, timeout=60)
         assert r.status_code == 400
-        assert r.json()["message"] == "mask shape (20000, 20000) does not match the frame (rows, cols) (64, 64)"
+        assert r.json()["message"] == "mask shape (20000, 20000) does not match the frame's (rows, cols) (64, 64)"
         peak = peak_rss_mb(served.proc.pid) - before
         assert peak < 20, f"the refused prompt took {peak:.0f} MiB at its peak"
         session.close()

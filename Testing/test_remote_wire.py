@@ -16,7 +16,7 @@ def test_wire_round_trip(dtype):
     assert back.dtype == arr.dtype and np.array_equal(back, arr)
     mask = rng.random((13, 11)) > 0.5
     assert np.array_equal(wire.decode_mask(wire.encode_mask(mask)), mask)
-    with pytest.raises(InputError, match=r"does not match the frame \(rows, cols\) \(11, 13\)"):
+    with pytest.raises(InputError, match=r"does not match the frame's \(rows, cols\) \(11, 13\)"):
         wire.decode_mask(wire.encode_mask(mask), shape=(11, 13))
 
 
