@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import vtk
 
 import slicer_fixtures as sf
 from MedSAM2Lib.slicer_loop import run_main_loop
@@ -61,6 +62,9 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
     controller.set_settings(_settings(random_checkpoint))
     controller.select(volume, segmentation, segment_id)
     ras, _ = sf.prompt_ras(volume, values)
+    volume_matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(volume_matrix)
+    volume_matrix = np.array([[volume_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
     controller.place_point(ras, AXIAL)
     job = controller.propagate("both", slice_normal=AXIAL)
     run_main_loop(controller.poll, lambda: job.done_frames >= 2 or job.done, timeout=240)
@@ -76,9 +80,18 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
         controller.poll()
     assert labelmap.GetMTime() == mtime, "no write lands in the removed segmentation"
     assert not shell.errors, shell.errors
-    assert sf.process_alive(pid), "the model stays loaded for the next scene"
+    assert not sf.process_alive(pid), "closing the scene stops the engine's child (frees its memory)"
+    # the next patient: a prompt in the emptied scene starts a new child and is answered
+    volume = sf.add_volume(scene, values, volume_matrix, window=sf.CT_WINDOW)
+    segmentation, ids = sf.add_segmentation(scene, volume)
+    controller.select(volume, segmentation, ids[0])
+    job = controller.place_point(ras, AXIAL)
+    run_main_loop(controller.poll, lambda: job.done, timeout=240)
+    assert job.error is None and not shell.errors, (job.error, shell.errors)
+    new_pid = controller.engine.pid
+    assert new_pid != pid and sf.process_alive(new_pid)
     controller.shutdown()  # module cleanup
-    assert not sf.process_alive(pid), "no engine process is left behind"
+    assert not sf.process_alive(new_pid), "no engine process is left behind"
 
 
 def test_removing_the_segmentation_mid_propagation_stops_its_session(random_checkpoint, ct_volume):

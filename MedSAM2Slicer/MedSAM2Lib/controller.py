@@ -69,6 +69,7 @@ class ModuleController:
         self.markers = PromptMarkers()
         self.prompt_nodes = PromptNodes(scene)
         self._engine = None
+        self._owns_engine = False  # made here from the settings (not handed in by use_engine)
         self._sessions: dict = {}  # (volume id, segmentation id, segment id) -> (options, session)
         self._markers_of_jobs: dict = {}  # job -> Marker, until the job commits or fails
         self._target = (None, None, "")
@@ -105,6 +106,7 @@ class ModuleController:
         """The engine for the current settings (its child process starts on first use)."""
         if self._engine is None:
             self._engine = self.settings.create_engine()
+            self._owns_engine = True
         return self._engine
 
     def use_engine(self, engine) -> None:
@@ -112,7 +114,7 @@ class ModuleController:
         self.close_sessions()
         if self._engine is not None and self._engine is not engine:
             self._engine.close()
-        self._engine = engine
+        self._engine, self._owns_engine = engine, False
 
     def start_engine(self) -> None:
         """Start the engine now (e.g. 'Download model'), rather than at the first prompt."""
@@ -193,8 +195,13 @@ class ModuleController:
         self._observers, self._segment_watch = [], {}
 
     def _on_scene_closing(self, caller=None, event=None) -> None:
+        """File > Close scene: jobs cancelled and waited for, and the engine's child stopped, which
+        frees its (GPU) memory for whatever the user does next; the next prompt starts it again."""
         self.close_sessions()
         self._target = (None, None, "")
+        if self._engine is not None and self._owns_engine:
+            self._engine.close()
+            self._engine = None
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def _on_node_removed(self, scene, event, node) -> None:
