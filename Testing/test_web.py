@@ -281,6 +281,7 @@ def test_propagate_scroll_undo_redo(site, page, right_lung_voxel):
     button(page, "Redo").click()
     web.wait_until(lambda: filled_slices(page, url, segment_id) == filled, 10, what="the redo")
     assert_overlay(page, url, segment_id)
+    web.keep_page_screenshot(page, "web-page-after-click-and-propagation.jpg")  # README's, when asked
 
 
 def test_box_exclude_point_and_a_second_segment_in_its_own_colour(site, page, right_lung_voxel):

@@ -1,7 +1,7 @@
 """Benchmark the web page as a user meets it: click-to-overlay and propagation, in Chromium.
 
     PYTHONPATH=MedSAM2Slicer python -m MedSAM2Web.bench [--slices 15] [--repeat 3]
-        [--model sam2.1_hiera_tiny --checkpoint FILE --image-size 256] [--screenshot page.jpg]
+        [--model sam2.1_hiera_tiny --checkpoint FILE --image-size 256]
 
 Starts `medsam2 web` on 127.0.0.1 with a crop of slicerio's chest CT (random weights unless
 --checkpoint is given: the timings are the real network's, the masks are not segmentations),
@@ -36,9 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="checkpoint file (default: random weights written for the run)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--screenshot", help="save a screenshot of the page after the last propagation here "
-                                        "(.png, or .jpg at quality 85)")
-    p.add_argument("--layout", default="Three over one", help="page layout for the screenshot")
     return p.parse_args(argv)
 
 
@@ -212,14 +209,6 @@ def main(argv=None) -> int:
                 for row, seconds in page_run().items():
                     page_runs[row].append(seconds)
             engine.close()
-            if args.screenshot:  # the last propagation, in all three views
-                bench.button("Redo").click()
-                page.wait_for_timeout(1000)
-                page.get_by_label("Layout").click(force=True)  # the shown value covers the input
-                page.get_by_role("option", name=args.layout).click()
-                page.wait_for_timeout(3000)
-                jpeg = args.screenshot.lower().endswith((".jpg", ".jpeg"))
-                page.screenshot(path=args.screenshot, **({"type": "jpeg", "quality": 85} if jpeg else {}))
             browser.close()
     print(f"medsam2 web: {args.model} at {args.image_size} px on {args.device}, "
           f"{'random weights' if args.checkpoint is None else args.checkpoint}, chest CT {args.slices} slices x "

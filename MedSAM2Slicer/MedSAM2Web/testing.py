@@ -178,6 +178,18 @@ def view_size_on_page(locator) -> list[int] | None:
     return [int(box["width"]), int(box["height"])]
 
 
+def keep_page_screenshot(page, name: str) -> Path | None:
+    """Save the whole page as JPEG under $MEDSAM2_SCREENSHOT_DIR when it is set (how the README's
+    screenshot is made: by the browser test, after its checks passed); otherwise do nothing."""
+    folder = os.environ.get("MEDSAM2_SCREENSHOT_DIR")
+    if not folder:
+        return None
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), type="jpeg", quality=85)
+    return path
+
+
 def screenshot_rgb(locator) -> np.ndarray:
     from PIL import Image
 
