@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import slicer_fixtures as sf
+from MedSAM2Lib.geometry import vtk_to_numpy_matrix
 
 SEGMENTATIONS_2D = "vtkMRMLSegmentationsDisplayableManager2D"
 INSTALL_HINT = ("On Debian/Ubuntu run scripts/install_system_test_deps.sh (Mesa's EGL: libegl1 libegl-mesa0 "
@@ -209,14 +210,14 @@ class SliceView:
     def pixel_ras(self) -> np.ndarray:
         """(rows, cols, 3): the RAS point each pixel of capture() shows (the slice node's XYToRAS)."""
         cols, rows = self.size
-        xy_to_ras = _numpy(self.node.GetXYToRAS())
+        xy_to_ras = vtk_to_numpy_matrix(self.node.GetXYToRAS())
         c, r = np.meshgrid(np.arange(cols, dtype=float), np.arange(rows, dtype=float))
         xy = np.stack([c, rows - 1 - r, np.zeros_like(c), np.ones_like(c)], axis=-1)
         return (xy @ xy_to_ras.T)[..., :3]
 
     def ras_to_pixel(self, ras) -> tuple[int, int]:
         """(row, col) of capture() nearest to where RAS point `ras` projects on this view."""
-        x, y = (np.linalg.inv(_numpy(self.node.GetXYToRAS())) @ np.append(np.asarray(ras, float), 1.0))[:2]
+        x, y = (np.linalg.inv(vtk_to_numpy_matrix(self.node.GetXYToRAS())) @ np.append(np.asarray(ras, float), 1.0))[:2]
         return int(round(self.size[1] - 1 - y)), int(round(x))
 
     def close(self) -> None:
@@ -253,7 +254,7 @@ def world_to_ijk(volume_node) -> np.ndarray:
         parent.GetMatrixTransformFromWorld(to_local)
     ras_to_ijk = vtk.vtkMatrix4x4()
     volume_node.GetRASToIJKMatrix(ras_to_ijk)
-    return _numpy(ras_to_ijk) @ _numpy(to_local)
+    return vtk_to_numpy_matrix(ras_to_ijk) @ vtk_to_numpy_matrix(to_local)
 
 
 def voxel_mask_on_view(view: SliceView, volume_node, kji_mask: np.ndarray) -> np.ndarray:
@@ -278,7 +279,3 @@ def disagreement_off_edges(shown: np.ndarray, expected: np.ndarray, edge_px: int
     grown = ndimage.binary_dilation(expected, iterations=edge_px)
     shrunk = ndimage.binary_erosion(expected, iterations=edge_px)
     return (shown != expected) & ~(grown & ~shrunk)
-
-
-def _numpy(vtk_matrix) -> np.ndarray:
-    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])

@@ -9,6 +9,7 @@ import pytest
 import vtk
 
 import slicer_fixtures as sf
+from MedSAM2Lib.geometry import vtk_to_numpy_matrix
 from MedSAM2Lib.slicer_loop import run_main_loop
 
 warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
@@ -64,7 +65,7 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
     ras, _ = sf.prompt_ras(volume, values)
     volume_matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(volume_matrix)
-    volume_matrix = np.array([[volume_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    volume_matrix = vtk_to_numpy_matrix(volume_matrix)
     controller.place_point(ras, AXIAL)
     job = controller.propagate("both", slice_normal=AXIAL)
     run_main_loop(controller.poll, lambda: job.done_frames >= 2 or job.done, timeout=240)

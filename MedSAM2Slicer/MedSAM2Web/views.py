@@ -17,6 +17,7 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
 from MedSAM2Lib.geometry import slice_view_center as slice_center  # noqa: F401  (the one definition)
 from MedSAM2Lib.geometry import slice_view_normal as slice_normal  # noqa: F401
+from MedSAM2Lib.geometry import vtk_to_numpy_matrix
 
 VIEW_NAMES = ("Red", "Yellow", "Green")  # axial, sagittal, coronal, as Slicer names them
 TOOL_PRIORITY = 10.0  # ahead of vtkMRMLSliceViewInteractorStyle (0.0)
@@ -63,7 +64,8 @@ def xy_to_ras(slice_node, x: float, y: float) -> tuple[float, float, float]:
 
 
 def matrix_list(vtk_matrix) -> list[list[float]]:
-    return [[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)]
+    """A vtkMatrix4x4 as nested lists (for JSON)."""
+    return vtk_to_numpy_matrix(vtk_matrix).tolist()
 
 
 class PromptTools:
