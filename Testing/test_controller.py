@@ -276,3 +276,25 @@ def test_deleting_a_segment_closes_its_session(in_process, ct_volume):
     session = controller.session()
     segmentation.GetSegmentation().RemoveSegment(segment_id)
     assert session.closed and not controller.sessions()
+
+
+def test_an_engine_handed_in_is_closed_by_its_maker_not_by_scene_close_or_cleanup(random_checkpoint, ct_volume):
+    """The web page keeps one engine across the scenes it opens; a console user's engine is theirs."""
+    from MedSAM2Lib import LocalEngine
+
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, count=4)
+    engine = LocalEngine("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu", image_size=256,
+                         allow_random_weights=True)
+    try:
+        engine.start()
+        controller = _controller(scene, Shell(), engine)
+        scene.Clear(0)
+        assert sf.process_alive(engine.pid), "closing the scene left the handed-in engine running"
+        controller.set_settings(_settings(random_checkpoint, device="auto"))  # another engine from now on
+        assert sf.process_alive(engine.pid), "a settings change left the handed-in engine running"
+        controller.use_engine(engine)
+        controller.shutdown()
+        assert sf.process_alive(engine.pid), "module cleanup left the handed-in engine running"
+    finally:
+        engine.close()
+    assert not sf.process_alive(engine.pid)

@@ -85,9 +85,7 @@ class ModuleController:
             return False
         settings.check()
         self.close_sessions()
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        self._drop_engine()
         self.settings = settings
         return True
 
@@ -110,11 +108,18 @@ class ModuleController:
         return self._engine
 
     def use_engine(self, engine) -> None:
-        """Use an engine made elsewhere (a test's, or a model loaded in the Python console)."""
+        """Use an engine made elsewhere (a test's, the web page's, or a model loaded in the Python
+        console). Its maker closes it: the controller only closes the engines it made itself."""
         self.close_sessions()
-        if self._engine is not None and self._engine is not engine:
+        if engine is not self._engine:
+            self._drop_engine()
+            self._engine = engine
+
+    def _drop_engine(self) -> None:
+        """Stop using the engine; stop its child too if this controller made it."""
+        if self._engine is not None and self._owns_engine:
             self._engine.close()
-        self._engine, self._owns_engine = engine, False
+        self._engine, self._owns_engine = None, False
 
     def start_engine(self) -> None:
         """Start the engine now (e.g. 'Download model'), rather than at the first prompt."""
@@ -181,13 +186,11 @@ class ModuleController:
             self._close_session(key)
         self.on_changed()
 
-    def shutdown(self, close_engine: bool = True) -> None:
-        """Module cleanup or application exit: sessions closed, the engine's child stopped (unless
-        the engine is shared with another controller: close_engine=False)."""
+    def shutdown(self) -> None:
+        """Module cleanup or application exit: sessions closed, the engine's child stopped (if this
+        controller made it; see use_engine)."""
         self.close_sessions()
-        if self._engine is not None and close_engine:
-            self._engine.close()
-        self._engine = None
+        self._drop_engine()
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
         for node, tag in self._segment_watch.values():
@@ -199,9 +202,7 @@ class ModuleController:
         frees its (GPU) memory for whatever the user does next; the next prompt starts it again."""
         self.close_sessions()
         self._target = (None, None, "")
-        if self._engine is not None and self._owns_engine:
-            self._engine.close()
-            self._engine = None
+        self._drop_engine()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def _on_node_removed(self, scene, event, node) -> None:

@@ -83,7 +83,7 @@ class Segmenter:
         if self._controller is not None and self._controller.scene is scene:
             return self._controller
         if self._controller is not None:
-            self._controller.shutdown(close_engine=False)  # the engine serves the new scene too
+            self._controller.shutdown()  # not the engine: it is ours, and serves the new scene too
         self._controller = ModuleController(scene, on_error=lambda exc: self._on_error(describe_error(exc)[1]),
                                             on_message=self._on_message, on_finished=self._finished)
         self._controller.set_options(memory=self.settings.memory)
