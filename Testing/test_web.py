@@ -447,5 +447,5 @@ def test_opening_a_volume_from_the_page_replaces_the_scene(site, page, ct_path, 
                            what="the opened volume")
     assert state["volume"]["dims"] == [128, 128, 9]
     assert [s["voxels_per_slice"] for s in state["segments"]] == [{}]  # one new, empty segment
-    assert page.get_by_text("MedSAM2 - upper").is_visible()
+    page.get_by_text("MedSAM2 - upper").wait_for(timeout=10_000)  # the page title follows the server state
     assert abs(red_slice(state) - 4) < 1e-3  # its middle slice
