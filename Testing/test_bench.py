@@ -20,7 +20,7 @@ def test_bench_prints_the_table_and_sam2_mode_is_identical(capsys, tmp_path):
     assert 0.0 < rows["sam2"]["mask_fraction"] < 1.0  # the compared masks are not trivially empty/full
     assert rows["official"]["peak_rss_mb"] > 0 and rows["sam2"]["cached_click_s"] is not None
     # on a CPU the table says what bfloat16 would cost on it
-    from medsam2.cpu_support import has_bf16_units
+    from medsam2.models.cpu_support import has_bf16_units
 
     units = has_bf16_units()
     assert rows["sam2"]["cpu_bf16_units"] == units

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from medsam2 import checkpoints, registry
+from medsam2.models import checkpoints, registry
 from medsam2.cli import main
 from medsam2.errors import CheckpointError, InputError
 
@@ -281,7 +281,7 @@ def test_pin_on_first_download_then_tampered_file_is_rejected(server, cache, tmp
     sha = hashlib.sha256(data).hexdigest()
     assert registry.get_spec("medsam2_latest").sha256 is None  # no published checksum
 
-    with caplog.at_level(logging.WARNING, logger="medsam2.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="medsam2.models.checkpoints"):
         path = checkpoints.download("medsam2_latest", url=server.url("/MedSAM2_latest.pt"),
                                     progress=False)
     assert sha in caplog.text  # the user is told the pinned hash

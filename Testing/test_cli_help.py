@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from medsam2 import options, registry
+from medsam2 import options
+
+from medsam2.models import registry
 from medsam2.cli import main as cli_main
 from medsam2.cli.main import VERBS, build_parser
 
@@ -118,5 +120,5 @@ def test_the_default_model_and_the_choice_lists_are_written_once():
                     found.append((rel, tuple(e.value for e in node.elts)))
     # options.py defines each once; the registry's table holds the model of that name
     assert sorted(found, key=repr) == sorted([
-        ("options.py", "default model"), ("registry.py", "default model"), ("options.py", options.DEVICES),
+        ("options.py", "default model"), ("models/registry.py", "default model"), ("options.py", options.DEVICES),
         ("options.py", options.MEMORY_MODES), ("options.py", options.PRECISIONS), ("options.py", options.AXES)], key=repr)

@@ -4,7 +4,7 @@ import warnings
 
 import medsam2
 import pytest
-from medsam2.compilation import PARTS, compile_mode, warm_up
+from medsam2.models.compilation import PARTS, compile_mode, warm_up
 from medsam2.errors import InputError
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medsam2 import cpu_support
+from medsam2.models import cpu_support
 from medsam2.cli.common import load_model_for_cli
 from medsam2.cli.main import build_parser
 
@@ -51,7 +51,7 @@ def test_only_bf16_on_a_cpu_without_units_is_slow():
 def test_engine_warns_once_with_the_figure(random_checkpoint):
     script = (
         "import warnings, medsam2\n"
-        "from medsam2.cpu_support import SlowPrecisionWarning\n"
+        "from medsam2.models.cpu_support import SlowPrecisionWarning\n"
         "with warnings.catch_warnings(record=True) as seen:\n"
         "    warnings.simplefilter('always')\n"
         "    for precision in ('bfloat16', 'bfloat16', 'auto', 'float32'):\n"

@@ -20,7 +20,7 @@ CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 def official(random_checkpoint):
     from sam2.build_sam import build_sam2_video_predictor
 
-    from medsam2.build import official_overrides
+    from medsam2.models.build import official_overrides
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

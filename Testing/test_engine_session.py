@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import medsam2
-from medsam2.features import FeatureCache
-from medsam2.frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource
+from medsam2.tracking.features import FeatureCache
+from medsam2.tracking.frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource
 
 
 # -- prompts ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 import medsam2
-from medsam2 import evaluate as ev
+from medsam2.study import evaluate as ev
 from medsam2.cli import main as cli_main
 
 

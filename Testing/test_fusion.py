@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import medsam2
-from medsam2.fusion import FusionProgress, axis_prompts, total_steps
+from medsam2.tracking.fusion import FusionProgress, axis_prompts, total_steps
 from medsam2.io.volume_io import from_frames, to_frames
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import medsam2
 from medsam2.cli import main as cli_main
-from medsam2.image_set import GREY_WEIGHTS
+from medsam2.tracking.image_set import GREY_WEIGHTS
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from medsam2.memory_bank import BankParams, MemoryEntry, SelfSortingMemoryBank, unit
+from medsam2.tracking.memory_bank import BankParams, MemoryEntry, SelfSortingMemoryBank, unit
 
 
 def direction(deg):

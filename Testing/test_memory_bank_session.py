@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsam2.memory_bank import SelfSortingMemoryBank
+from medsam2.tracking.memory_bank import SelfSortingMemoryBank
 
 FILLING = {"min_confidence": 0.0}
 

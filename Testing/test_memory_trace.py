@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medsam2 import cli
-from medsam2.trace_picture import ATTENDED, OWN, PROMPTED, TracePicture
+from medsam2.study.trace_picture import ATTENDED, OWN, PROMPTED, TracePicture
 
 KEYS = {"frame", "obj_id", "direction", "memory", "attended", "prompted", "pointers", "recalled", "bank_empty",
         "confidence", "object_present", "admission", "bank"}

@@ -310,8 +310,8 @@ def test_unreachable_server_is_a_clear_error():
 
 def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, logged, monkeypatch):
     """Only the user's mistakes are 4xx: an engine failure must not read as bad input."""
-    from medsam2.propagation import Propagator
-    from medsam2.session import Session
+    from medsam2.tracking.propagation import Propagator
+    from medsam2.tracking.session import Session
 
     session = client.open(make_volume(seed=11))
     session.add_prompt(3, points=[[33, 30]], labels=[1])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medsam2.errors import InputError
-from medsam2.fusion import FusionProgress, total_steps
+from medsam2.tracking.fusion import FusionProgress, total_steps
 from remote_fixtures import client, make_volume, same_frames, server  # noqa: F401
 
 

@@ -52,7 +52,7 @@ case "$MODE" in
       "$CKPT" "$MODEL" ;;
   download)
     if ! medsam2 download "$MODEL"; then
-      read -r FILE URL < <("$PY" -c "from medsam2.registry import get_spec; s = get_spec('$MODEL'); print(s.filename, s.url)")
+      read -r FILE URL < <("$PY" -c "from medsam2.models.registry import get_spec; s = get_spec('$MODEL'); print(s.filename, s.url)")
       {
         echo
         echo "The demo could not download the $MODEL weights (why: above). Two ways on:"

@@ -540,7 +540,7 @@ def _error_from(header: dict, checkpoint_way: str | None = None) -> Exception:
     names the application's own way to give a file (`checkpoint_way`), not the Python argument."""
     kind, message = header.get("kind", ""), header.get("message", "engine error")
     if "template" in header:
-        from medsam2.checkpoints import CheckpointUnavailable
+        from medsam2.models.checkpoints import CheckpointUnavailable
 
         error = CheckpointUnavailable(header["template"], header.get("model"))
         return CheckpointError(error.text(checkpoint_way)) if checkpoint_way else error

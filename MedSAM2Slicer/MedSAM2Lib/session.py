@@ -247,7 +247,7 @@ class SegmentationSession:
         total = _frames_reached(direction, origin, low, high, prompted if start is not None else [])
         steps_total = None
         if self.axes == "all":
-            from medsam2.fusion import total_steps
+            from medsam2.tracking.fusion import total_steps
 
             total, steps_total = n, total_steps((n, *state.layout.frame_shape))
         self._last_axis = axis

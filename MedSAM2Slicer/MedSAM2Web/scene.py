@@ -23,7 +23,7 @@ WINDOW_PRESETS = (
     ("CT bone", 1000.0, 400.0),
     ("CT brain", 100.0, 50.0),
 )
-AUTO_PERCENTILES = (0.5, 99.5)  # the engine's own default window (medsam2.model.Model.open)
+AUTO_PERCENTILES = (0.5, 99.5)  # the engine's own default window (medsam2.models.model.Model.open)
 SEGMENT_FILL_OPACITY_2D = 0.5
 
 

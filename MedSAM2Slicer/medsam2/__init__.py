@@ -28,8 +28,8 @@ if sys.platform == "darwin":
 
 # public name -> (module, attribute); attribute None means the module itself
 _LAZY = {
-    "list_models": ("registry", "list_models"),
-    "load_model": ("model", "load_model"),
+    "list_models": ("models.registry", "list_models"),
+    "load_model": ("models.model", "load_model"),
     "connect": ("remote.client", "connect"),
     "testing": ("testing", None),
 }

@@ -22,8 +22,8 @@ _OBJECT_SCORE_BIAS = 4.0
 
 def write_random_checkpoint(path, name="sam2.1_hiera_tiny", seed=0, image_size=None) -> Path:
     """Write random weights for registry model `name`'s architecture to `path`; returns the path."""
-    from .build import build_predictor
-    from .registry import get_spec
+    from .models.build import build_predictor
+    from .models.registry import get_spec
 
     spec = get_spec(name)
     size = int(image_size or spec.image_size)

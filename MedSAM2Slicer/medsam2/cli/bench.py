@@ -22,9 +22,9 @@ def add_arguments(p):
 
 
 def run(args):
-    from ..bench import VARIANTS, format_table, run_bench
+    from ..study.bench import VARIANTS, format_table, run_bench
     from ..errors import InputError
-    from ..registry import get_spec
+    from ..models.registry import get_spec
 
     check_model_inputs(args)
     spec = get_spec(args.model)

@@ -83,7 +83,7 @@ def load_model_for_cli(args, meaning: str = "results"):
     void; bfloat16 on a CPU without bf16 units gets one line saying what it costs."""
     import medsam2
 
-    from ..cpu_support import SLOW_BF16_TEXT, bf16_is_slow
+    from ..models.cpu_support import SLOW_BF16_TEXT, bf16_is_slow
 
     with warnings.catch_warnings():  # the engine's warnings are replaced by the lines below
         warnings.simplefilter("ignore")

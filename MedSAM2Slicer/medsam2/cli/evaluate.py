@@ -2,7 +2,7 @@
 
 IMAGE and LABEL are one case (a volume file or DICOM folder, and a .seg.nrrd or label map), or two
 folders of cases matched by name (see docs/modes.md). Every input is checked before the model
-loads. The simulated user and the metrics are defined in medsam2/evaluate.py.
+loads. The simulated user and the metrics are defined in medsam2/study/evaluate.py.
 """
 
 import json
@@ -255,7 +255,7 @@ def run(args):
         loaded.append((name, image, label, volume, objects, file_prompts))
 
     # 2. model
-    from ..evaluate import evaluate_object
+    from ..study.evaluate import evaluate_object
 
     model = load_model_for_cli(args, "scores")
 

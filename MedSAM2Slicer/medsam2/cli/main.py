@@ -116,7 +116,7 @@ examples:
 
 def error_text(exc: MedSAM2Error) -> str:
     """The message a command-line user reads: CLI flags where the engine's message names Python arguments."""
-    from ..checkpoints import CheckpointUnavailable
+    from ..models.checkpoints import CheckpointUnavailable
 
     return exc.for_cli() if isinstance(exc, CheckpointUnavailable) else str(exc)
 

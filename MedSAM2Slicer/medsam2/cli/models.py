@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .. import checkpoints, registry
+from ..models import checkpoints, registry
 from ..options import DEFAULT_MODEL
 
 

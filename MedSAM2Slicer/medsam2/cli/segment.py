@@ -116,7 +116,7 @@ def _write_trace(session, num_frames, trace, picture):
     import json
 
     from ..io.files import atomic_output
-    from ..trace_picture import save_trace_picture
+    from ..study.trace_picture import save_trace_picture
 
     records = session.memory_trace()  # along --axis (a fused run's other axes are not traced)
     with atomic_output(trace) as tmp:
@@ -128,7 +128,7 @@ def _write_trace(session, num_frames, trace, picture):
 
 
 def _fusion_steps(shape):
-    from ..fusion import total_steps
+    from ..tracking.fusion import total_steps
 
     return total_steps(shape)
 

@@ -99,7 +99,7 @@ def run(args):
 
     model = load_model_for_cli(args, "masks")
     if model.compiled:  # compile now, not in the first client's propagation (which could time out)
-        from ..compilation import warm_up
+        from ..models.compilation import warm_up
 
         say(f"medsam2 serve: compiling the network ({model.compiled} mode); this takes minutes, once ...")
         say(f"medsam2 serve: compiled in {warm_up(model):.0f} s")

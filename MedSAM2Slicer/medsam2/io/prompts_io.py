@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..io.volume_io import INDEX_LETTERS, index_to_frame_pixel
+from .volume_io import INDEX_LETTERS, index_to_frame_pixel
 
 COORDINATE_SYSTEMS = ("ijk", "lps", "ras")
 NEGATIVE_DESCRIPTIONS = ("exclude", "negative", "background")
@@ -341,7 +341,7 @@ def _check_inside(volume, ijk, axes, where):
 
 def to_frame_prompts(objects, volume, axis):
     """ObjectPrompts -> FramePrompts for the engine, frames along numpy `axis` (see volume_io)."""
-    from ..io.volume_io import FRAME_LAYOUTS
+    from .volume_io import FRAME_LAYOUTS
 
     frame_axis, row_axis, col_axis = FRAME_LAYOUTS[axis]
     rows, cols = volume.array.shape[row_axis], volume.array.shape[col_axis]

@@ -163,7 +163,7 @@ class Agent:
     def _start_local(self, config, cancel):
         """Load the model and serve it on loopback in this process; return a client to it."""
         import medsam2
-        from .. import checkpoints
+        from ..models import checkpoints
 
         def progress(done, total):
             self.link.send({"type": "progress", "stage": "download", "done": int(done), "total": int(total or 0)})

@@ -479,7 +479,7 @@ class RemoteSession:
 
     def _decode_line(self, line: dict) -> tuple:
         if line["type"] == "progress":
-            from ..fusion import FusionProgress  # numpy only; loaded when a fused run is asked for
+            from ..tracking.fusion import FusionProgress  # numpy only; loaded when a fused run is asked for
 
             return FusionProgress(int(line["axis"]), int(line["frame"]), int(line["done"]), int(line["total"])), {}
         frame = int(line["frame"])

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...errors import InputError
-from ...fusion import FusionProgress
+from ...tracking.fusion import FusionProgress
 from .. import wire
 from .errors import ApiError, ServerErrorRoute, crash_body, engine_errors, input_error
 from .schemas import PropagateRequest

@@ -1,6 +1,6 @@
 """How often the self-sorting bank reads what SAM2's recency window would have read: a table.
 
-    python -m medsam2.bank_study [--checkpoint FILE --model NAME] [--image-size N] [--json FILE]
+    python -m medsam2.study.bank_study [--checkpoint FILE --model NAME] [--image-size N] [--json FILE]
 
 For each scenario it propagates slicerio's CTChest4 with memory="self-sorting" and compares, for
 every tracked (slice, object), the bank entries read with the frames SAM2 would attend at that
@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from .bench import CLICK, CORRECTION, chest_volume
-from .io.volume_io import to_frames
+from ..io.volume_io import to_frames
 
 # (name, axis of the (34, 128, 128) CT to propagate along, bank settings, correction?)
 SCENARIOS = [
@@ -110,7 +110,7 @@ def format_table(results: list[dict], random_weights: bool) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medsam2.bank_study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m medsam2.study.bank_study", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="sam2.1_hiera_tiny", help="registry model (with --checkpoint)")
     p.add_argument("--checkpoint", help="checkpoint file; default: random weights for --model")
     p.add_argument("--image-size", type=int, default=256)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import medsam2
-    from .testing import write_random_checkpoint
+    from ..testing import write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -38,7 +38,7 @@ def official_overrides(image_size: int, extra=()) -> list[str]:
 def build_predictor(config: str, image_size: int, device="cpu", extra_overrides=()):
     """An untrained MedSAM2Predictor for `config` at `image_size` (load weights separately)."""
     overrides = [
-        "++model._target_=medsam2.predictor.MedSAM2Predictor",
+        "++model._target_=medsam2.tracking.predictor.MedSAM2Predictor",
         *_OFFICIAL_POSTPROCESSING,
         *official_overrides(image_size, extra_overrides),
     ]

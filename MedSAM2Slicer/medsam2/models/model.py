@@ -10,14 +10,14 @@ import weakref
 
 import torch
 
-from .errors import InputError
-from .features import FeatureCache
-from .frames import FrameSource
-from .image_set import ImageSetSession, open_images
-from .memory_bank import bank_params_for
-from .options import DEVICES, PRECISIONS
-from .prefetch import FramePrefetcher
-from .session import Session
+from ..errors import InputError
+from ..tracking.features import FeatureCache
+from ..tracking.frames import FrameSource
+from ..tracking.image_set import ImageSetSession, open_images
+from ..tracking.memory_bank import bank_params_for
+from ..options import DEVICES, PRECISIONS
+from ..tracking.prefetch import FramePrefetcher
+from ..tracking.session import Session
 
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this checkpoint was generated for tests and benchmarks; its masks are meaningless. "

@@ -34,7 +34,7 @@ import hashlib
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .frames import IMAGENET_MEAN, IMAGENET_STD, FrameSource, check_numeric, check_pixels, check_window, default_window
 from .memory_bank import bank_params_for
 from .session import Session

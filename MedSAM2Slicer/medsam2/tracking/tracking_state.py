@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .memory_bank import BankParams, MemoryEntry, SelfSortingMemoryBank
 from .predictor import BANK_KEY
 

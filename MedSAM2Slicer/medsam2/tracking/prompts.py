@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
-from .masks import mask_shape_error
-from .options import DIRECTIONS
+from ..errors import InputError
+from ..masks import mask_shape_error
+from ..options import DIRECTIONS
 
 
 def check_frame(frame, num_frames: int) -> int:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .masks import pack_mask, unpack_mask
+from ..masks import pack_mask, unpack_mask
 
 
 class MaskStore:

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .io.volume_io import from_frames, index_to_frame_pixel, to_frames
-from .options import AXES
+from ..errors import InputError
+from ..io.volume_io import from_frames, index_to_frame_pixel, to_frames
+from ..options import AXES
 
 # session -> {axis: session on that axis}; the other-axis sessions (and their cached image
 # features) live as long as the session, so a second fused run does not re-encode every frame

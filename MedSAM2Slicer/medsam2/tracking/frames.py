@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 
 # SAM2 was trained on ImageNet-normalised RGB; a grey slice is repeated into the 3 channels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .frames import FrameSource
 from .mask_store import MaskStore
 from .memory_bank import BankParams, SelfSortingMemoryBank

@@ -1,6 +1,6 @@
 """Benchmark: the official SAM2VideoPredictor vs this engine on the same volume, prompts and weights.
 
-Each variant runs in its own process (`python -m medsam2.bench --worker ...`) so that its peak
+Each variant runs in its own process (`python -m medsam2.study.bench --worker ...`) so that its peak
 memory is its own. The work, identical for all variants:
   1. first prompt: a click on the middle slice (official: building its frame tensor, init_state
      and the click; ours: opening the session and the click);
@@ -59,10 +59,10 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
 
     warnings.simplefilter("ignore")
     import medsam2
-    from medsam2.build import official_overrides
-    from medsam2.compilation import warm_up
-    from medsam2.cpu_support import has_bf16_units
-    from medsam2.frames import FrameSource
+    from medsam2.models.build import official_overrides
+    from medsam2.models.compilation import warm_up
+    from medsam2.models.cpu_support import has_bf16_units
+    from medsam2.tracking.frames import FrameSource
 
     volume = chest_volume(slices)
     mid, fix = slices // 2, (3 * slices) // 4
@@ -158,7 +158,7 @@ def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", v
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
-            from .testing import write_random_checkpoint
+            from ..testing import write_random_checkpoint
 
             checkpoint = str(write_random_checkpoint(Path(tmp) / "random.pt", model_name, image_size=image_size))
             log(f"no --checkpoint: using RANDOM WEIGHTS for {model_name} (timings are real, masks are not)")
@@ -169,7 +169,7 @@ def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", v
                 args = json.dumps([variant, model_name, str(checkpoint), image_size, slices, device, str(out),
                                    precision, compile])
                 log(f"  running {variant} on {slices} slices ...")
-                proc = subprocess.run([sys.executable, "-m", "medsam2.bench", "--worker", args],
+                proc = subprocess.run([sys.executable, "-m", "medsam2.study.bench", "--worker", args],
                                       capture_output=True, text=True, env=_worker_env())
                 if proc.returncode != 0:
                     raise RuntimeError(f"bench worker {variant} failed:\n{proc.stderr[-3000:]}")
@@ -238,7 +238,7 @@ def format_table(results) -> str:
 
 def _cpu_precision_notes(results) -> list:
     """What bfloat16 costs on the CPU the bench ran on (cpu_support.py), when it ran on a CPU."""
-    from .cpu_support import BF16_FLAGS, SLOW_BF16_TEXT
+    from ..models.cpu_support import BF16_FLAGS, SLOW_BF16_TEXT
 
     cpu = [r for r in results if str(r.get("device", "")).startswith("cpu")]
     if not cpu:

@@ -26,8 +26,8 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from .errors import CheckpointError, InputError
-from .io.files import atomic_output
+from ..errors import CheckpointError, InputError
+from ..io.files import atomic_output
 from .registry import ModelSpec, get_spec
 
 log = logging.getLogger(__name__)

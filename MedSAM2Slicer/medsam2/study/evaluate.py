@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
-from .fusion import interior_point
-from .options import AXES
+from ..errors import InputError
+from ..tracking.fusion import interior_point
+from ..options import AXES
 
 PROMPT_KINDS = ("box", "click")
 
@@ -99,7 +99,7 @@ def hd95(pred, ref, spacing=None) -> float:
 
 # -- the simulated user ---------------------------------------------------------------------------
 def _frames(mask, axis):
-    from .io.volume_io import to_frames
+    from ..io.volume_io import to_frames
 
     return to_frames(np.asarray(mask, bool), axis)
 

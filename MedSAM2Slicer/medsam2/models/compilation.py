@@ -18,7 +18,7 @@ import importlib
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 # part -> dynamic shapes? Memory attention sees a varying number of memories (dynamic); the
 # others see fixed shapes per image size (a new batch or point count compiles once more).

@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import InputError
-from .options import MEMORY_MODES
+from ..errors import InputError
+from ..options import MEMORY_MODES
 
 READ_MODES = ("topk", "softmax")
 

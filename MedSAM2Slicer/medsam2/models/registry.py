@@ -5,15 +5,15 @@ A small data table, no torch import: the Slicer module lists models before torch
 Every sha256 below is copied from a public page that states it (the Hugging Face "Git LFS
 Details" page or LFS pointer of that exact file); the page is named in a comment and in
 `sha256_source`. A file with no published checksum has `sha256=None` and is pinned on its first
-download (see `medsam2.checkpoints`). Never fill a checksum in from a local download.
+download (see `medsam2.models.checkpoints`). Never fill a checksum in from a local download.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .errors import InputError
-from .options import DEFAULT_MODEL  # noqa: F401  (the model a user gets when they do not choose one)
+from ..errors import InputError
+from ..options import DEFAULT_MODEL  # noqa: F401  (the model a user gets when they do not choose one)
 
 _SAM21_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 _MEDSAM2_BASE = "https://huggingface.co/wanglab/MedSAM2/resolve/main"
