@@ -40,12 +40,10 @@ REQUIREMENTS = (
     Requirement("iopath", "iopath", "iopath==0.1.10", minimum="0.1.10", needed_for=("local",)),
     Requirement("pillow", "PIL", "pillow==11.1.0", minimum="9.4.0", needed_for=("local",)),
     Requirement("platformdirs", "platformdirs", "platformdirs==4.3.6", minimum="3.0"),
-    # the engine runs in a child process in both modes, spoken to with the project's HTTP client;
-    # locally that child also runs the project's server (FastAPI + uvicorn) on loopback
-    Requirement("httpx", "httpx", "httpx==0.29.0", minimum="0.27"),
+    # the engine runs in a child process in both modes; locally it holds the model itself, remotely
+    # the project's HTTP client (httpx) of a server; zstandard packs masks for either wire
+    Requirement("httpx", "httpx", "httpx==0.29.0", minimum="0.27", needed_for=("remote",)),
     Requirement("zstandard", "zstandard", "zstandard==0.25.0", minimum="0.22"),
-    Requirement("fastapi", "fastapi", "fastapi==0.165.0", minimum="0.110", needed_for=("local",)),
-    Requirement("uvicorn", "uvicorn", "uvicorn==0.55.0", minimum="0.29", needed_for=("local",)),
     Requirement("setuptools", "setuptools", "setuptools>=64", minimum="64", needed_for=("local",), build_tool=True),
     Requirement("wheel", "wheel", "wheel>=0.37", minimum="0.37", needed_for=("local",), build_tool=True),
     Requirement("sam2", "sam2", "sam2==1.1.0", minimum="1.1.0",
@@ -151,9 +149,11 @@ def install(requirements, pip_install, on_step=None):
 
 def importable(mode="local"):
     """None if the engine's imports work now; else the error text (a restart may be needed)."""
-    modules = ["httpx", "zstandard"]
+    modules = ["zstandard"]
     if mode == "local":
-        modules += ["torch", "sam2.sam2_video_predictor", "hydra", "iopath", "fastapi", "uvicorn"]
+        modules += ["torch", "sam2.sam2_video_predictor", "hydra", "iopath"]
+    else:
+        modules += ["httpx"]
     for name in modules:
         try:
             importlib.import_module(name)
