@@ -271,7 +271,13 @@ class SegmentationSession:
                 if not self._queue:
                     break
                 job = self._start_next()
-            if job.status == FINISHED or job.step(deadline):
+            try:
+                ended = job.status == FINISHED or job.step(deadline)
+            except Exception as exc:  # segment deleted, converted or regridded mid-job: end it once
+                for request in job._requests:
+                    request.cancel()  # the engine stops working for a job that cannot be written
+                ended = job._finish(exc)
+            if ended:
                 opened = getattr(job.state.engine, "opened", None)
                 if opened is not None and opened.error is not None:
                     job.state.engine = None  # it never opened: the next job tries again
