@@ -91,7 +91,8 @@ def test_no_active_place_node_before_the_tool_means_none_after():
 
 
 def test_a_box_corner_left_pending_is_removed_when_the_tool_changes():
-    from MedSAM2Lib.prompt_nodes import BoxCorners, PromptNodes
+    from MedSAM2Lib.prompt_nodes import PromptNodes
+    from MedSAM2Lib.prompt_tools import BoxCorners
 
     scene = sf.new_scene()
     points = PromptNodes(scene).node("points")
@@ -107,3 +108,70 @@ def test_a_box_corner_left_pending_is_removed_when_the_tool_changes():
     second = points.AddControlPoint(vtk.vtkVector3d(9, 9, 0))
     assert corners.place(points, second, (9.0, 9.0, 0.0)) == ((0.0, 0.0, 0.0), (9.0, 9.0, 0.0))
     assert points.GetNumberOfControlPoints() == 1 and not corners.pending  # both corners became a box
+
+
+def _views(scene):
+    """A Red (axial) slice node and the crosshair that says the mouse is in it, as Slicer has them."""
+    sf.application_logic(scene)  # slice orientation presets
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    red.SetLayoutName("Red")
+    red.SetOrientation("Axial")
+    crosshair = scene.AddNewNodeByClass("vtkMRMLCrosshairNode")
+    crosshair.SetCursorPositionXYZ([10.0, 10.0, 0.0], red)
+    return red, crosshair
+
+
+def test_clicks_become_prompts_and_a_box_leaves_the_next_click_to_the_points_node(model, ct_volume):
+    """The tools on slicer-core with Slicer's Markups logic: two boxes (two corners each), then an
+    include point; each click is a control point added to the active place node, as Slicer's
+    markups widget places it. Before the fix the first box's ROI took placement: the next click
+    went into the ROI and never became a prompt."""
+    import warnings
+
+    from MedSAM2Lib import InProcessEngine
+    from MedSAM2Lib.controller import ModuleController
+    from MedSAM2Lib.prompt_tools import PromptTools
+
+    warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, count=4)
+    users, selection = _users_landmarks(scene)
+    red, crosshair = _views(scene)
+    errors = []
+    controller = ModuleController(scene, on_error=errors.append)
+    controller.use_engine(InProcessEngine(model))
+    controller.select(volume, segmentation, segment_id)
+    tools = PromptTools(controller, sf.interaction_node(scene), selection)
+    k = values.shape[0] // 2
+
+    def click(ijk):
+        """What the markups widget does on a click in place mode: a point in the active place node."""
+        active = scene.GetNodeByID(selection.GetActivePlaceNodeID())
+        active.AddControlPointWorld(*sf.ijk_to_ras(volume, ijk))
+        while controller.busy:
+            controller.poll()
+        return active
+
+    tools.set("box")
+    points = click((30, 40, k))
+    assert points.GetName() == "MedSAM2 points" and points.GetNumberOfControlPoints() == 1
+    click((90, 100, k))
+    assert points.GetNumberOfControlPoints() == 0, "both corners became the box"
+    assert len(list(scene.GetNodesByClass("vtkMRMLMarkupsROINode"))) == 1 and not errors
+    assert click((40, 50, k)) is points, "the box's ROI took the next click"  # a second box, same tool
+    click((80, 90, k))
+    assert len(list(scene.GetNodesByClass("vtkMRMLMarkupsROINode"))) == 2 and not errors
+    tools.set("include")
+    assert click((60, 70, k)) is points and points.GetNumberOfControlPoints() == 1
+    assert points.GetNthControlPointSelected(0) and points.GetNthControlPointLocked(0)
+    assert tools.last_slice_node is red and not errors
+    assert all(controller.undo() is not None for _ in range(3)), "two boxes and a point are prompts"
+    tools.set("box")
+    click((20, 20, k))  # a first corner, then the user switches tool
+    tools.set("exclude")
+    assert points.GetNumberOfControlPoints() == 1, "the pending corner was left behind"
+    crosshair.SetCursorPositionXYZ([0.0, 0.0, 0.0], None)  # the mouse in the 3D view
+    click((60, 70, k))
+    assert points.GetNumberOfControlPoints() == 1 and "slice view" in str(errors[-1])
+    tools.close()
+    assert _active(selection) == (users.GetID(), "vtkMRMLMarkupsFiducialNode")
+    controller.shutdown()

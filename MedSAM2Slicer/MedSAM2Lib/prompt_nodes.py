@@ -141,33 +141,3 @@ class PlacementState:
         placing = self.interaction.GetCurrentInteractionMode() == self.interaction.Place
         return placing and self.selection.GetActivePlaceNodeID() in {n.GetID() for n in nodes}
 
-
-class BoxCorners:
-    """The box tool's first corner: a control point in "MedSAM2 points" until the second corner
-    makes the box. Changing tool between the two corners discards it (no stray point stays)."""
-
-    def __init__(self):
-        self._corner = None  # (Marker of the first corner's control point, its RAS)
-
-    @property
-    def pending(self) -> bool:
-        return self._corner is not None
-
-    def place(self, node, index: int, ras):
-        """A corner placed at control point `index`: None after the first corner; after the second
-        (first RAS, second RAS), both points removed (the box's ROI shows it instead)."""
-        from .markers import Marker
-
-        marker = Marker.for_point(node, index)
-        if self._corner is None:
-            self._corner = (marker, tuple(ras))
-            return None
-        (first, first_ras), self._corner = self._corner, None
-        marker.remove()
-        first.remove()
-        return first_ras, tuple(ras)
-
-    def discard(self) -> None:
-        if self._corner is not None:
-            self._corner[0].remove()
-        self._corner = None
