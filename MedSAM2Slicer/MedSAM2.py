@@ -182,7 +182,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._removeShortcuts()
-        self._tools.close()
+        if self._tools is not None:
+            self._tools.close()
         self.removeObservers()
         self._timer.stop()
         if self.logic is not None:
