@@ -283,8 +283,7 @@ def test_leaving_the_prompt_tools_restores_the_users_place_mode():
     from MedSAM2Lib.prompt_nodes import PlacementState, PromptNodes
 
     scene = sf.new_scene()
-    interaction = scene.AddNewNodeByClass("vtkMRMLInteractionNode")
-    selection = scene.AddNewNodeByClass("vtkMRMLSelectionNode")
+    interaction, selection = sf.interaction_node(scene), sf.selection_node(scene)  # Slicer's Markups logic acts
     users = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
     selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
     selection.SetActivePlaceNodeID(users.GetID())

@@ -173,6 +173,13 @@ class ModuleController:
             tag = segmentation.AddObserver(slicer.vtkSegmentation.SegmentRemoved, self._on_segment_removed)
             self._segment_watch[segmentation.GetID()] = (segmentation, tag)
 
+    def _unwatch_segments(self, node_id=None) -> None:
+        """Stop watching one segmentation (it left the scene) or all (scene closed: Clear() restarts
+        node IDs, so a new segmentation could take a watched one's ID and go unobserved)."""
+        for key in [k for k in self._segment_watch if node_id is None or k == node_id]:
+            node, tag = self._segment_watch.pop(key)
+            node.RemoveObserver(tag)
+
     def _on_segment_removed(self, segmentation, event=None) -> None:
         gone = [k for k in self._sessions
                 if k[1] == segmentation.GetID() and segmentation.GetSegmentation().GetSegment(k[2]) is None]
@@ -210,9 +217,8 @@ class ModuleController:
         self._drop_engine()
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
-        for node, tag in self._segment_watch.values():
-            node.RemoveObserver(tag)
-        self._observers, self._segment_watch = [], {}
+        self._unwatch_segments()
+        self._observers = []
 
     def _on_scene_closing(self, caller=None, event=None) -> None:
         """File > Close scene: jobs cancelled and waited for, and every engine session closed,
@@ -220,6 +226,7 @@ class ModuleController:
         patient's first prompt does not wait for the model to load ("Unload model" or the idle
         timeout stop it)."""
         self.close_sessions()
+        self._unwatch_segments()
         self._target = (None, None, "")
         if self._engine is not None:
             self._engine.close_sessions()
@@ -230,6 +237,8 @@ class ModuleController:
         node_id = node.GetID() if node is not None else None
         for key in [k for k in self._sessions if node_id in k[:2]]:
             self._close_session(key)
+        if node_id is not None:
+            self._unwatch_segments(node_id)
 
     # --- actions (each returns the job, or None when refused; errors go to on_error) ----------
     def _submit(self, make_job, marker=None):

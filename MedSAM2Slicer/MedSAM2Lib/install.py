@@ -8,6 +8,7 @@ the versions the engine was tested with.
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import re
@@ -147,19 +148,25 @@ def install(requirements, pip_install, on_step=None):
     importlib.invalidate_caches()
 
 
-def importable(mode="local"):
-    """None if the engine's imports work now; else the error text (a restart may be needed)."""
-    modules = ["zstandard"]
-    if mode == "local":
-        modules += ["torch", "sam2.sam2_video_predictor", "hydra", "iopath"]
-    else:
-        modules += ["httpx"]
-    for name in modules:
+def present(mode="local"):
+    """None if every package the engine's child imports is there; else what is missing.
+
+    Only looks (importlib.util.find_spec on top-level names, which imports nothing): the engine runs
+    in its child process, so importing torch or sam2 here would freeze Slicer's main thread for
+    seconds and load gigabytes it never uses. A package that is there but fails to import is
+    reported by the child when it starts."""
+    names = [r.module for r in REQUIREMENTS if mode in r.needed_for and not r.build_tool]
+    names += ["torch"] if mode == "local" else []
+    importlib.invalidate_caches()  # packages pip installed a moment ago are seen
+    lacking = []
+    for name in names:
         try:
-            importlib.import_module(name)
-        except Exception as exc:  # a half-loaded binary module raises more than ImportError
-            return f"{name}: {exc}"
-    return None
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken entry in sys.modules
+            found = False
+        if not found:
+            lacking.append(name)
+    return f"not found: {', '.join(lacking)}" if lacking else None
 
 
 def python_problem(version_info=None):

@@ -93,6 +93,13 @@ class Job:
         """Apply what has arrived; True once the job is finished (its undo step recorded)."""
         raise NotImplementedError
 
+    def abandon(self, error: BaseException) -> bool:
+        """Its results cannot be written (the segment was deleted, converted or regridded): the
+        engine stops working for it, and the job ends with that error."""
+        for request in self.requests:
+            request.cancel()
+        return self.finish(error)
+
     def finish(self, error: BaseException | None = None) -> bool:
         """The job is over (with `error` if it failed; a cancel the engine obeyed is no error)."""
         self.status = FINISHED
@@ -115,6 +122,10 @@ class PromptJob(Job):
     @property
     def frame(self) -> int:
         return self.prompt.frame
+
+    def abandon(self, error: BaseException) -> bool:
+        self.state.remove(self.prompt)  # never applied: the engine must forget it too
+        return super().abandon(error)
 
     def _send(self, handle) -> None:
         self.state.add(self.prompt)

@@ -277,7 +277,11 @@ class SegmentationSession:
             job = self._running or self._start_next()
             if job is None:
                 break
-            if job.status == FINISHED or job.step(deadline):
+            try:
+                ended = job.status == FINISHED or job.step(deadline)
+            except Exception as exc:  # segment deleted, converted or regridded mid-job: end it once
+                ended = job.abandon(exc)
+            if ended:
                 finished.append(job)
                 self._running = None
                 if time.monotonic() < deadline:
