@@ -106,7 +106,7 @@ class MedSAM2ParameterNode:
     limitRange: bool = False
     rangeFirst: Annotated[int, WithinRange(0, 100000)] = 0
     rangeLast: Annotated[int, WithinRange(0, 100000)] = 0
-    idleUnloadMinutes: Annotated[float, WithinRange(0, 1440)] = 30.0
+    idleUnloadMinutes: float = 30.0
 
 
 class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
