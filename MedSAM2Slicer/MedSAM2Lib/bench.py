@@ -128,13 +128,17 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
 
 
 def format_table(rows) -> str:
-    head = ("| model input | slices | first click: alone / module | click on a cached slice: alone / module "
+    head = ("| model input | slices | first click: alone / module (+ms) | click on a cached slice: alone / module (+ms) "
             "| propagation, slices/s: alone / module | slowest poll |")
     lines = [head, "|---|---|---|---|---|---|"]
+
+    def pair(alone, module):
+        return f"{alone:.2f} s / {module:.2f} s ({(module - alone) * 1000:+.0f} ms)"
+
     for r in rows:
         lines.append(f"| {r['size']} px ({r['frame']} frames) | {r['slices']} "
-                     f"| {r['alone_first_click_s']:.2f} s / {r['module_first_click_s']:.2f} s "
-                     f"| {r['alone_cached_click_s']:.2f} s / {r['module_cached_click_s']:.2f} s "
+                     f"| {pair(r['alone_first_click_s'], r['module_first_click_s'])} "
+                     f"| {pair(r['alone_cached_click_s'], r['module_cached_click_s'])} "
                      f"| {r['alone_fps']:.2f} / {r['module_fps']:.2f} ({r['module_fps'] / r['alone_fps']:.2f}x) "
                      f"| {r['slowest_poll_ms']:.1f} ms |")
     return "\n".join(lines)
