@@ -147,3 +147,21 @@ def test_a_click_with_no_tool_says_what_to_do(site, page):
     page.get_by_role("status").filter(has_text="No prompt tool is active").wait_for(timeout=10_000)
     assert "Include point (I)" in web.status(page, url)["message"]
     assert web.wait_idle(page, url)["last_prompt"]["number"] == number  # and nothing was sent
+
+
+def test_a_box_dragged_as_a_line_is_refused_on_the_page(site, page):
+    url = site["url"]
+    page.keyboard.press("o")
+    web.wait_until(lambda: web.status(page, url)["tool"] == "box", 10, what="the box tool")
+    number = web.status(page, url)["last_prompt"]["number"]
+    state = web.status(page, url)
+    k = round(red_slice(state))
+    (xa, ya), (xb, _) = (web.ijk_to_view_point(state, c) for c in ((30, 64, k), (90, 64, k)))
+    origin = red(page).bounding_box()
+    page.mouse.move(origin["x"] + xa, origin["y"] + ya)
+    page.mouse.down()
+    page.mouse.move(origin["x"] + (xa + xb) / 2, origin["y"] + ya)
+    page.mouse.move(origin["x"] + xb, origin["y"] + ya)  # straight across: no height
+    page.mouse.up()
+    page.get_by_role("alert").filter(has_text="narrower or lower than a voxel").wait_for(timeout=10_000)
+    assert web.wait_idle(page, url)["last_prompt"]["number"] == number  # nothing reached the engine
