@@ -114,6 +114,9 @@ def page_url(host: str, port: int) -> str:
 
 
 def run(args) -> int:
+    from medsam2.cli.common import require_extra
+
+    require_extra("web", ("trame", "trame_slicer", "slicer"))  # one line naming the command, not a traceback
     page_token, server_token, output = check_arguments(args)
     prepare_rendering()
     from trame.app import get_server

@@ -126,3 +126,28 @@ def random_weights_banner(meaning: str = "results") -> None:
     bar = "*" * 72
     say(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
         f"model)\n{bar}")
+
+
+def extra_install_command(extra: str) -> str:
+    """The one command that installs the optional part `extra` (a pyproject extra) into the
+    environment this `medsam2` runs in: this Python's pip, this checkout when it runs from one."""
+    import shlex
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[3]
+    python = shlex.quote(sys.executable)
+    if (checkout / "pyproject.toml").is_file() and (checkout / "scripts" / "install.sh").is_file():
+        return f"{python} -m pip install -e {shlex.quote(f'{checkout}[{extra}]')}  (or: bash {checkout}/scripts/install.sh)"
+    return f"{python} -m pip install 'medsam2-slicer[{extra}]'"
+
+
+def require_extra(extra: str, modules: tuple[str, ...]) -> None:
+    """Raise one clear MedSAM2Error naming the install command when a module of `extra` is missing."""
+    from importlib.util import find_spec
+
+    from ..errors import MedSAM2Error
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise MedSAM2Error(f"the optional '{extra}' part is not installed in {sys.prefix} ({', '.join(missing)} "
+                           f"missing); install it with: {extra_install_command(extra)}")
