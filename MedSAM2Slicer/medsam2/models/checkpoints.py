@@ -502,8 +502,11 @@ class Checkpoint:
     sha256: str | None = None
 
 
-def read_checkpoint(path, sha256=None) -> Checkpoint:
+def read_checkpoint(path, sha256=None, users_file: bool = False) -> Checkpoint:
     """Read an official-format checkpoint `{"model": state_dict}` on the CPU.
+
+    users_file: the file is one the user gave (not the cache's download), so a bad one is said to
+    be the wrong file, not a download to repeat.
 
     Uses `torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary
     pickled code. A truncated, corrupt or non-PyTorch file, or one without a "model" state dict,
@@ -515,6 +518,8 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
     path = Path(path)
     fix = ("delete it and download it again (`medsam2 download NAME --force`), or pass a good "
            "file with {way}")
+    if users_file:
+        fix = "give the model's checkpoint file (e.g. MedSAM2_latest.pt as downloaded) with {way}"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -528,6 +533,11 @@ def read_checkpoint(path, sha256=None) -> Checkpoint:
                 f"{path} holds Python objects besides tensors ({found.group(1)}), which are not "
                 "loaded for safety. Re-save only the weights: "
                 "torch.save({'model': state_dict}, path)"
+            ) from exc
+        if users_file:  # the unpickler's reason ("KeyError: 101") means nothing to whoever chose the file
+            raise CheckpointUnavailable(
+                f"{path} is not a PyTorch checkpoint: torch.load cannot read it (a checkpoint saved with "
+                f"torch.save is a zip archive; this file is truncated, damaged or of another kind); {fix}"
             ) from exc
         if "WeightsUnpickler error:" in text:  # the unpickler's reason, not its long preamble
             detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:200]
