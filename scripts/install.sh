@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command install of the engine, server and CLI (and with --test, everything the test suite
-# needs: the test/web Python extras and Debian's chromium, nginx and Mesa EGL).
+# needs: the test/web/batch Python extras and Debian's chromium, nginx and Mesa EGL).
 # Python: the active virtualenv/conda env, else the project's .venv (scripts/python_env.sh).
 # Order matters: torch first (the pinned CPU wheel, so nothing pulls a multi-GB CUDA build),
 # then sam2 1.1.0 from source without build isolation (its build needs the torch just installed)
@@ -40,7 +40,7 @@ if ! "$PY" -c "import sam2.sam2_video_predictor" 2>/dev/null; then
 fi
 if [ $WITH_TESTS = 1 ]; then
   bash scripts/install_system_test_deps.sh
-  pip_install -e ".[test,web]"
+  pip_install -e ".[test,web,batch]"
 else
   pip_install -e .
 fi
