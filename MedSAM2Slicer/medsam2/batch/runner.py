@@ -44,16 +44,18 @@ def model_options(args) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and isinstance(v, simple)}
 
 
-def load_model(options: dict):
+def load_model(options: dict, meaning: str = "results"):
+    """The model as the verb loads it (banners included); `meaning`: what random weights make void."""
     import argparse
 
     from ..cli.common import load_model_for_cli
 
-    return load_model_for_cli(argparse.Namespace(**options), "results")
+    return load_model_for_cli(argparse.Namespace(**options), meaning)
 
 
 def run_tasks(tasks: Iterable[tuple[str, tuple]], work: Callable, options: dict, cluster: Cluster,
-              on_done: Callable[[str, Any], None], on_ready: Callable[[int], None] | None = None) -> None:
+              on_done: Callable[[str, Any], None], on_ready: Callable[[int], None] | None = None,
+              meaning: str = "results") -> None:
     """Run work(model, *payload) for every (key, payload) of `tasks`; see the module's docstring.
     on_ready(workers) is called once the models are loaded, before the first case. No case to run:
     no model is loaded and no Ray runtime started (a re-run of a finished batch takes seconds)."""
@@ -65,7 +67,7 @@ def run_tasks(tasks: Iterable[tuple[str, tuple]], work: Callable, options: dict,
         return
     tasks = itertools.chain([first], tasks)
     if cluster.ray is None:
-        model = load_model(options)
+        model = load_model(options, meaning)
         if on_ready is not None:
             on_ready(1)
         for key, payload in tasks:
@@ -75,17 +77,17 @@ def run_tasks(tasks: Iterable[tuple[str, tuple]], work: Callable, options: dict,
                 result = exc
             on_done(key, result)
         return
-    _run_on_ray(tasks, work, options, cluster, on_done, on_ready)
+    _run_on_ray(tasks, work, options, cluster, on_done, on_ready, meaning)
 
 
 class CaseWorker:
     """A Ray actor: one loaded model, then one case per call."""
 
-    def __init__(self, options: dict, threads: int):
+    def __init__(self, options: dict, threads: int, meaning: str):
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
-        self.model = load_model(options)
+        self.model = load_model(options, meaning)
 
     def ready(self) -> int:
         return os.getpid()
@@ -139,13 +141,13 @@ def plan(cluster: Cluster, resources: dict, device: str) -> tuple[int, float, in
     return workers, 0.0, cluster.cpus_per_worker or max(1, cpus // workers)
 
 
-def _start_workers(cluster: Cluster, options: dict) -> list:
+def _start_workers(cluster: Cluster, options: dict, meaning: str) -> list:
     import ray
 
     workers, gpus, cpus = plan(cluster, ray.cluster_resources(), str(options.get("device", "auto")))
     actor = ray.remote(CaseWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=RETRIES,
                                            max_task_retries=RETRIES)
-    actors = [actor.remote(options, cpus) for _ in range(workers)]
+    actors = [actor.remote(options, cpus, meaning) for _ in range(workers)]
     try:
         ray.get([a.ready.remote() for a in actors])
     except ray.exceptions.RayError as exc:
@@ -156,12 +158,12 @@ def _start_workers(cluster: Cluster, options: dict) -> list:
     return actors
 
 
-def _run_on_ray(tasks, work, options, cluster, on_done, on_ready) -> None:
+def _run_on_ray(tasks, work, options, cluster, on_done, on_ready, meaning) -> None:
     import ray
 
     started = _connect(cluster, options)
     try:
-        idle = _start_workers(cluster, options)
+        idle = _start_workers(cluster, options, meaning)
         if on_ready is not None:
             on_ready(len(idle))
         running: dict = {}  # task ref -> (key, actor)
