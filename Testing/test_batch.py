@@ -27,7 +27,7 @@ from medsam2 import cli
 ENGINE = Path(__file__).resolve().parents[1] / "MedSAM2Slicer"  # the medsam2 these tests import
 SLICES = slice(13, 17)
 LUNGS = {5: "right lung", 6: "left lung"}  # label value -> segment of slicerio's segmentation
-RAY_PROCESS = re.compile(r"^(ray::|\S*(raylet|gcs_server)\b)")
+RAY_PROCESS = re.compile(r"^ray::|/site-packages/ray/")  # workers, agents, raylet, gcs_server, monitors
 
 
 def _model_args(checkpoint):
@@ -98,7 +98,7 @@ def _assert_same_masks(a, b):
 def _ray_processes():
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return {int(line.split(None, 1)[0]): line.split(None, 1)[1] for line in out.splitlines()
-            if len(line.split(None, 1)) == 2 and RAY_PROCESS.match(line.split(None, 1)[1])}
+            if len(line.split(None, 1)) == 2 and RAY_PROCESS.search(line.split(None, 1)[1])}
 
 
 def _assert_no_ray_left(before, seconds=20):
@@ -276,3 +276,25 @@ def test_a_bad_manifest_or_flag_is_named_before_anything_runs(cohort, tmp_path, 
     assert cli.main(["batch", str(manifest), "--output", str(tmp_path / "out"), *flags]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "summary.csv").exists()
+
+
+def test_evaluate_on_ray_scores_and_writes_what_it_does_in_one_process(cohort, random_checkpoint, tmp_path, ray_tmp,
+                                                                         monkeypatch):
+    for folder in ("images", "labels", "here", "ray"):
+        (tmp_path / folder).mkdir()
+    for case in ("a", "b"):
+        shutil.copy(cohort / "ct.nrrd", tmp_path / "images" / f"{case}.nrrd")
+        shutil.copy(cohort / "label.nrrd", tmp_path / "labels" / f"{case}.nrrd")
+    command = ["evaluate", str(tmp_path / "images"), str(tmp_path / "labels")] + _model_args(random_checkpoint)
+    assert cli.main(command + ["--output", str(tmp_path / "here"), "--json", str(tmp_path / "here.json")]) == 0
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    before = _ray_processes()
+    assert cli.main(command + ["--output", str(tmp_path / "ray"), "--json", str(tmp_path / "ray.json"),
+                               "--ray", "local", "--workers", "2"]) == 0
+    _assert_no_ray_left(before)
+    here, ray = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("here", "ray"))
+    assert here["settings"] == ray["settings"]
+    assert [c["objects"] for c in here["cases"]] == [c["objects"] for c in ray["cases"]]
+    assert [o["label"] for o in ray["cases"][0]["objects"]] == sorted(LUNGS)
+    for case in ("a", "b"):
+        _assert_same_masks(tmp_path / "ray" / f"{case}.seg.nrrd", tmp_path / "here" / f"{case}.seg.nrrd")

@@ -98,12 +98,9 @@ class CaseWorker:
 
 def _connect(cluster: Cluster, options: dict) -> bool:
     """Join the cluster, or start the local runtime; True when this process started it."""
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--ray needs Ray: install the batch extra, e.g. "
-                         "`python -m pip install -e \".[batch]\"` in this project's environment") from None
     import logging
+
+    import ray  # cli/batch.py said how to install it if missing
 
     if cluster.ray != "local":
         try:

@@ -6,6 +6,7 @@ files are its business (a bad one is a `failed` row). The work itself: medsam2/b
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -44,6 +45,10 @@ def cluster_from_args(args):
                                 ("--cpus-per-worker", args.cpus_per_worker), ("--ship-volumes", args.ship_volumes)) if v]
         if given:
             raise InputError(f"{', '.join(given)} need --ray (local, or a cluster's address)")
+    elif importlib.util.find_spec("ray") is None:
+        raise InputError(f"--ray {ray}: Ray is not installed here; install the batch extra into this environment: "
+                         f"{sys.executable} -m pip install 'ray==2.60.0' (or, from the sources, "
+                         "python -m pip install -e \".[batch]\")")
     for flag, value in (("--workers", args.workers), ("--cpus-per-worker", args.cpus_per_worker)):
         if value is not None and value < 1:
             raise InputError(f"{flag} {value}: give 1 or more")
@@ -94,7 +99,7 @@ def run(args):
     cases = manifest.read_manifest(args.manifest)
     part = manifest.parse_part(args.part) if args.part else None
     share = manifest.part_of(cases, *part) if part else cases
-    folder = _output_folder(args.output)
+    folder = os.path.abspath(_output_folder(args.output))  # workers may run elsewhere (another cwd, node)
     settings = case_mod.CaseSettings(output_dir=folder, memory=args.memory, prompt_from_label=args.prompt_from_label,
                                      window=tuple(args.window) if args.window else None)
 
