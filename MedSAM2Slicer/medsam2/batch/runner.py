@@ -113,9 +113,10 @@ def _connect(cluster: Cluster, options: dict) -> bool:
     cpus = max(os.cpu_count() or 1, workers * (cluster.cpus_per_worker or 1))
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    # workers import medsam2 from where this process does (a source checkout too); no dashboard
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    # workers import medsam2 from where this process does (a source checkout too): the runtime's
+    # processes inherit this environment (a runtime_env would make Ray replace its idle workers)
+    os.environ["PYTHONPATH"] = path
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
