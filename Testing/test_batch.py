@@ -42,8 +42,8 @@ def _box_prompts(labels):
         mask = labels == value
         k = int(np.argmax(mask.sum(axis=(1, 2))))
         rows, cols = np.nonzero(mask[k])
-        objects.append({"id": value, "name": f"label {value}",
-                        "boxes": [{"min": [int(cols.min()), int(rows.min()), k], "max": [int(cols.max()), int(rows.max()), k]}]})
+        box = {"min": [int(cols.min()), int(rows.min()), k], "max": [int(cols.max()), int(rows.max()), k]}
+        objects.append({"id": value, "name": f"label {value}", "boxes": [box]})
     return {"coordinates": "ijk", "objects": objects}
 
 

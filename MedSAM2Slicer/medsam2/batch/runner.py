@@ -183,7 +183,8 @@ def _run_on_ray(tasks, work, options, cluster, on_done, on_ready, meaning) -> No
                 result = ray.get(done[0])
                 idle.append(actor)
             except ray.exceptions.ActorDiedError as exc:  # restarts used up: this worker is gone
-                result = MedSAM2Error(f"its worker died {RETRIES + 1} times while running it ({_first_line(exc)})")
+                result = MedSAM2Error(f"its worker died while running it, and Ray's {RETRIES} restart(s) and "
+                                      f"re-run(s) are used up ({_first_line(exc)})")
             except ray.exceptions.RayError as exc:
                 result = getattr(exc, "cause", None) or MedSAM2Error(_first_line(exc))
                 idle.append(actor)

@@ -41,8 +41,9 @@ def cluster_from_args(args):
 
     ray = getattr(args, "ray", None)
     if ray is None:
-        given = [f for f, v in (("--workers", args.workers), ("--gpus-per-case", args.gpus_per_case),
-                                ("--cpus-per-worker", args.cpus_per_worker), ("--ship-volumes", args.ship_volumes)) if v]
+        flags = (("--workers", args.workers), ("--gpus-per-case", args.gpus_per_case),
+                 ("--cpus-per-worker", args.cpus_per_worker), ("--ship-volumes", args.ship_volumes))
+        given = [f for f, v in flags if v is not None and v is not False]
         if given:
             raise InputError(f"{', '.join(given)} need --ray (local, or a cluster's address)")
     elif importlib.util.find_spec("ray") is None:

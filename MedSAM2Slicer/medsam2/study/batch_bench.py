@@ -1,7 +1,7 @@
 """Benchmark of `medsam2 batch`'s runner: cases per minute in this process and on a local Ray runtime
 with 1 and 2 CPU workers (one torch thread each), and what a case costs besides the engine.
 
-    python -m medsam2.study.batch_bench [--cases 6] [--slices 10] [--image-size 512] [--repeats 1]
+    python -m medsam2.study.batch_bench [--cases 8] [--slices 10] [--image-size 512] [--repeats 3]
 
 The cohort: `--cases` copies of slicerio's chest CT cut to `--slices` slices, each prompted by a box
 from its lung label (--prompt-from-label box) and scored against it; random weights of the
@@ -105,7 +105,8 @@ def steps(manifest: Path, out: Path, options: dict, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medsam2.study.batch_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", type=int, default=6)
+    p.add_argument("--cases", type=int, default=8,
+                   help="cases per runner (several per worker: each worker's first case is slower)")
     p.add_argument("--slices", type=int, default=10)
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="cases timed by step in table 2 (after a warm-up)")
