@@ -199,10 +199,15 @@ def test_rerun_skips_complete_outputs_and_redoes_a_truncated_one(ray_batch, rand
 
     data = (out / "from_label.seg.nrrd").read_bytes()
     (out / "from_label.seg.nrrd").write_bytes(data[:len(data) // 2])  # a half-copied file is not complete
+    # what a worker killed while writing leaves (the atomic writer's temporary name); and a user's file
+    (out / ".from_label.0123456789ab.seg.nrrd").write_bytes(b"half")
+    (out / ".from_label.notes.seg.nrrd").write_bytes(b"mine")
     assert cli.main(command) == 1
     rows = _summary(out / "summary.csv")
     assert rows["from_label"]["status"] == "ok" and rows["from_prompts"]["status"] == "skipped"
     _assert_same_masks(out / "from_label.seg.nrrd", first / "from_label.seg.nrrd")
+    assert not (out / ".from_label.0123456789ab.seg.nrrd").exists()
+    assert (out / ".from_label.notes.seg.nrrd").read_bytes() == b"mine"
 
 
 def test_sigkill_of_a_worker_mid_case_is_retried_and_every_case_written_once(cohort, random_checkpoint, tmp_path,
