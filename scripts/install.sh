@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command install of the engine, server, CLI and web page (the `web` extra: MedSAM2 without
-# Slicer), and with --test everything the test suite needs (the test extra and Debian's chromium,
+# Slicer), and with --test everything the test suite needs (the test and batch extras and Debian's chromium,
 # nginx and Mesa EGL). Last, `medsam2` is linked onto PATH (scripts/link_command.sh).
 # Python: the active virtualenv/conda env, else the project's .venv (scripts/python_env.sh).
 # Order matters: torch first (the pinned CPU wheel, so nothing pulls a multi-GB CUDA build),
@@ -41,7 +41,7 @@ if ! "$PY" -c "import sam2.sam2_video_predictor" 2>/dev/null; then
 fi
 if [ $WITH_TESTS = 1 ]; then
   bash scripts/install_system_test_deps.sh
-  pip_install -e ".[test,web]"
+  pip_install -e ".[test,web,batch]"
 else
   pip_install -e ".[web]"
 fi

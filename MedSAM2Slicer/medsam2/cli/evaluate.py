@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+from .batch import add_ray_arguments
 from .common import (add_axes_argument, add_memory_argument, add_model_arguments, add_window_argument,
                      check_model_inputs, load_model_for_cli, say)
 
@@ -37,6 +38,7 @@ def add_arguments(p):
                         "(one <case>.seg.nrrd each)")
     p.add_argument("--json", metavar="FILE", help="write the scores as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_ray_arguments(p)
 
 
 # -- cases -----------------------------------------------------------------------------------------
@@ -216,16 +218,59 @@ def _file_prompts(path, volume, objects):
     return by_label
 
 
-# -- run -------------------------------------------------------------------------------------------
-def run(args):
+# -- one case (on a worker: this process, or a Ray actor) ---------------------------------------------
+def load_case(case, select):
+    """(volume, reference objects, file prompts or None) of one (name, image, label, prompts) case."""
     from ..io import volume_io
-    from ..errors import InputError
 
-    # 1. inputs, before anything slow
-    if args.corrections < 0:
-        raise InputError(f"--corrections {args.corrections}: give 0 or more")
-    check_model_inputs(args)
-    cases = find_cases(args.image, args.label, args.prompts)
+    name, image, label, prompts = case
+    volume = volume_io.read_volume(image)
+    objects = read_reference(label, volume, select)
+    file_prompts = _file_prompts(prompts, volume, objects) if prompts else None
+    if file_prompts is not None:
+        objects = [o for o in objects if o[0] in file_prompts]
+    empty = [f"{o[0]} ({o[1]})" for o in objects if not o[2].any()]
+    if empty and file_prompts is None:
+        say(f"{name}: skipping empty reference object(s) {', '.join(empty)}: nothing to prompt")
+        objects = [o for o in objects if o[2].any()]
+    return volume, objects, file_prompts
+
+
+def evaluate_case(model, case, settings: dict, loaded=None, output=None, overwrite=False) -> dict:
+    """Simulate the user on every object of one case, one session per object (objects are independent,
+    as in the Slicer module). loaded: load_case's answer, or None to read the files here. output: write
+    the prediction there; without it the predictions come back packed (the caller writes them)."""
+    import numpy as np
+
+    from ..study.evaluate import evaluate_object
+
+    name, image, label, _prompts = case
+    volume, objects, file_prompts = loaded if loaded is not None else load_case(case, settings["labels"])
+    started = time.perf_counter()
+    scores, predictions = [], []
+    for value, obj_name, ref in objects:
+        say(f"{name}: object {value} ({obj_name}) ...")
+        score, pred = evaluate_object(
+            model, volume.array, ref, label=value, name=obj_name, spacing=tuple(volume.spacing[::-1]),
+            memory=settings["memory"], axes=settings["axes"], corrections=settings["corrections"],
+            prompt_kind=settings["prompt_kind"], prompts=file_prompts.get(value) if file_prompts else None,
+            window=settings["window"])
+        scores.append(score)
+        predictions.append((value, obj_name, pred))
+    if output:
+        _write_prediction(output, predictions, volume, overwrite)
+    return {"case": {"case": name, "image": os.fspath(image), "label": os.fspath(label),
+                     "seconds": round(time.perf_counter() - started, 2), "objects": [s.as_dict() for s in scores]},
+            "scores": scores, "image_size": model.image_size, "random_weights": bool(model.weights_are_random),
+            "predictions": None if output else [(v, n, np.packbits(m, axis=None)) for v, n, m in predictions]}
+
+
+# -- run -------------------------------------------------------------------------------------------
+def _check_outputs(args, cases):
+    """{case name: output path} for --output, and --json's folder, checked before anything slow."""
+    from ..errors import InputError
+    from ..io import volume_io
+
     many = os.path.isdir(args.label)
     outputs = {}
     if args.output:
@@ -241,61 +286,68 @@ def run(args):
             raise InputError(f"--json {args.json}: the folder {folder} does not exist")
         if os.path.exists(args.json) and not args.overwrite:
             raise InputError(f"--json {args.json}: already exists; pass --overwrite to replace it")
-    loaded = []
-    for name, image, label, prompts in cases:
-        volume = volume_io.read_volume(image)
-        objects = read_reference(label, volume, args.labels)
-        file_prompts = _file_prompts(prompts, volume, objects) if prompts else None
-        if file_prompts is not None:
-            objects = [o for o in objects if o[0] in file_prompts]
-        empty = [f"{o[0]} ({o[1]})" for o in objects if not o[2].any()]
-        if empty and file_prompts is None:
-            say(f"{name}: skipping empty reference object(s) {', '.join(empty)}: nothing to prompt")
-            objects = [o for o in objects if o[2].any()]
-        loaded.append((name, image, label, volume, objects, file_prompts))
+    return outputs
 
-    # 2. model
-    from ..study.evaluate import evaluate_object
 
-    model = load_model_for_cli(args, "scores")
+def run(args):
+    from ..batch.runner import model_options, run_tasks
+    from ..errors import InputError
+    from .batch import cluster_from_args
 
-    # 3. evaluate, one session per object (objects are independent, as in the Slicer module)
-    report = {"settings": {"model": args.model, "image_size": model.image_size, "memory": args.memory,
-                           "axes": args.axes, "prompts": args.prompts, "prompt_kind": args.prompt_kind,
-                           "corrections": args.corrections, "random_weights": bool(model.weights_are_random)},
-              "cases": []}
-    rows = []
-    for name, image, label, volume, objects, file_prompts in loaded:
-        started = time.perf_counter()
-        spacing_kji = tuple(volume.spacing[::-1])
-        window = tuple(args.window) if args.window else None
-        scores, predictions = [], []
-        for value, obj_name, ref in objects:
-            say(f"{name}: object {value} ({obj_name}) ...")
-            score, pred = evaluate_object(
-                model, volume.array, ref, label=value, name=obj_name, spacing=spacing_kji, memory=args.memory,
-                axes=args.axes, corrections=args.corrections, prompt_kind=args.prompt_kind,
-                prompts=file_prompts.get(value) if file_prompts else None, window=window)
-            scores.append(score)
-            predictions.append((value, obj_name, pred))
-            rows.append((name, score))
-        report["cases"].append({"case": name, "image": os.fspath(image), "label": os.fspath(label),
-                                "seconds": round(time.perf_counter() - started, 2),
-                                "objects": [s.as_dict() for s in scores]})
-        if name in outputs:
-            _write_prediction(outputs[name], predictions, volume, args.overwrite)
+    # 1. inputs, before anything slow (on Ray without --ship-volumes the workers read the cases)
+    if args.corrections < 0:
+        raise InputError(f"--corrections {args.corrections}: give 0 or more")
+    check_model_inputs(args)
+    cluster = cluster_from_args(args)
+    cases = find_cases(args.image, args.label, args.prompts)
+    outputs = _check_outputs(args, cases)
+    read_here = cluster.ray is None or cluster.ship_volumes
+    loaded = {case[0]: load_case(case, args.labels) for case in cases} if read_here else {}
+    settings = {"memory": args.memory, "axes": args.axes, "corrections": args.corrections, "labels": args.labels,
+                "prompt_kind": args.prompt_kind, "window": tuple(args.window) if args.window else None}
+    # shipped predictions come back here to be written; otherwise the worker writes its own
+    write_there = not cluster.ship_volumes
 
-    # 4. report
-    _print_table(rows)
+    # 2. the cases, the model loaded once per worker (medsam2/batch/runner.py)
+    results = {}
+
+    def done(name, result):
+        if isinstance(result, BaseException):
+            raise result
+        results[name] = result
+
+    take = loaded.pop if write_there else loaded.get  # a shipped volume is kept to write its prediction
+    tasks = ((case[0], (case, settings, take(case[0], None), outputs.get(case[0]) if write_there else None,
+                        args.overwrite)) for case in cases)
+    run_tasks(tasks, evaluate_case, model_options(args), cluster, done, meaning="scores")
+
+    # 3. report
+    ordered = [results[case[0]] for case in cases]
+    for (name, *_), result in zip(cases, ordered):
+        if result["predictions"] is not None and name in outputs:
+            _write_shipped(outputs[name], result["predictions"], loaded[name][0], args.overwrite)
+    _print_table([(r["case"]["case"], s) for r in ordered for s in r["scores"]])
     if args.json:
         from ..io.files import atomic_output
 
+        report = {"settings": {"model": args.model, "image_size": ordered[0]["image_size"], "memory": args.memory,
+                               "axes": args.axes, "prompts": args.prompts, "prompt_kind": args.prompt_kind,
+                               "corrections": args.corrections, "random_weights": ordered[0]["random_weights"]},
+                  "cases": [r["case"] for r in ordered]}
         with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
     for out in outputs.values():
         print(f"wrote {out}")
     return 0
+
+
+def _write_shipped(path, packed, volume, overwrite):
+    import numpy as np
+
+    shape = volume.array.shape
+    _write_prediction(path, [(v, n, np.unpackbits(bits, count=int(np.prod(shape))).astype(bool).reshape(shape))
+                             for v, n, bits in packed], volume, overwrite)
 
 
 def _write_prediction(path, predictions, volume, overwrite):

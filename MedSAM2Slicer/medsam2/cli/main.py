@@ -47,6 +47,10 @@ VERBS = {
     "one-prompt": ("one_prompt", "segment a folder of 2D images from a few prompted ones",
                    "Segment every image of a folder (PNG, JPEG, BMP, TIFF, single-frame DICOM; any sizes, no "
                    "order) from prompts on one or a few of them; writes a mask PNG per image and summary.csv."),
+    "batch": ("batch", "segment the cases of a manifest (CSV), resumable, in this process or on Ray",
+              "Segment every case of a manifest (volume plus prompt files or a label to take boxes from) into "
+              "DIR/<case>.seg.nrrd with the model loaded once per worker, in this process or on a Ray runtime or "
+              "cluster; cases with a complete output are skipped on re-run; DIR/summary.csv has a row per case."),
     "evaluate": ("evaluate", "score the engine on labelled cases with a simulated user (Dice, HD95)",
                  "Simulate a user on labelled cases (a box or click on each object's middle slice, then "
                  "correction clicks on the worst slices) and report Dice, HD95 and the number of interactions."),

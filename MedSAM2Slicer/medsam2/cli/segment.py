@@ -38,7 +38,7 @@ def run(args):
     from ..io import prompts_io, volume_io
 
     # 1. inputs, before anything slow
-    kind = volume_io.check_output_path(args.output, args.overwrite)
+    volume_io.check_output_path(args.output, args.overwrite)
     check_model_inputs(args)
     trace_paths = _trace_paths(args.memory_trace, args.overwrite) if args.memory_trace else None
     volume = volume_io.read_volume(args.image, series=args.series)
@@ -49,38 +49,21 @@ def run(args):
         f"{len(objects)} object(s), {len(frame_prompts)} prompted frame(s); {frames.shape[0]} frames along axis {args.axis}")
 
     # 2. model and session
+    from ..tracking.volume_job import open_prompted, propagate_objects, write_result
 
     model = load_model_for_cli(args, "results")
-    session = model.open(frames, memory=args.memory, window=tuple(args.window) if args.window else None)
-    for fp in frame_prompts:
-        session.add_prompt(fp.frame, obj_id=fp.obj_id, points=fp.points, labels=fp.labels, box=fp.box)
+    session = open_prompted(model, volume, frame_prompts, axis=args.axis, memory=args.memory, window=args.window)
 
-    # 3. propagate: forward from the first prompted frame to the end, then back from it to frame 0
-    # (each frame is yielded once; a fused run also counts the frames of the other two axes)
+    # 3. propagate (the order: tracking/volume_job.py)
     started = time.perf_counter()
     bar = _progress(frames.shape[0] if args.axes == "one" else _fusion_steps(frames.shape))
     try:
-        for _frame, _masks in session.propagate(direction="both", axes=args.axes):
-            bar.update(1)
+        results = propagate_objects(session, objects, axis=args.axis, axes=args.axes, on_step=lambda: bar.update(1))
     finally:
         bar.close()
 
     # 4. write
-    results = []
-    for index, obj in enumerate(objects):
-        mask = volume_io.from_frames(session.mask(obj.id), args.axis)
-        results.append((obj, index, mask))
-    if kind == "segmentation":
-        volume_io.write_segmentation(args.output, [
-            {"name": obj.name, "color": obj.color or volume_io.palette_color(index), "mask": mask}
-            for obj, index, mask in results], volume, overwrite=args.overwrite)
-    else:
-        import numpy as np
-
-        labels = np.zeros(volume.array.shape, np.uint16)
-        for obj, _index, mask in results:  # later objects win where objects overlap
-            labels[mask] = obj.id
-        volume_io.write_labelmap(args.output, labels, volume, overwrite=args.overwrite)
+    write_result(args.output, results, volume, overwrite=args.overwrite)
 
     if trace_paths is not None:
         _write_trace(session, frames.shape[0], *trace_paths)

@@ -60,6 +60,23 @@ def atomic_output(path, *, suffix: str | None = None, overwrite: bool = True) ->
             os.remove(tmp)
 
 
+def leftover_temporaries(path, suffix: str) -> list:
+    """Temporary files atomic_output(path, suffix=suffix) left beside `path` when its process was
+    killed (SIGKILL runs no cleanup): `.<stem>.<12 hex digits><suffix>`, this target's and no other's."""
+    import re
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    stem = base[:len(base) - len(suffix)] if suffix and base.endswith(suffix) else base
+    pattern = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{12}}{re.escape(suffix)}")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return [os.path.join(folder, n) for n in names if pattern.fullmatch(n)]
+
+
 def read_sitk_image(path, what: str = "", hint: str = ""):
     """SimpleITK's image of a file; a file it cannot read raises InputError.
 

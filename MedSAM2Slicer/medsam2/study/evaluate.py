@@ -14,7 +14,8 @@ mm, e.g. (k, j, i) spacing for a (k, j, i) array):
 The simulated user (what `medsam2 evaluate` does for each object of a reference label):
 
 1. Prompt: on the object's middle slice (the median of the slices, along the propagation axis,
-   where the label is present) either a box — the label's bounding rectangle on that slice,
+   where the label is present; `medsam2 batch --prompt-from-label`: the slice where it has the most
+   voxels, ties to the lowest) either a box — the label's bounding rectangle on that slice,
    pixel centres, no margin — or a click at the label pixel farthest from its border. 1 interaction.
 2. Propagate through the volume (one axis, or axes="all" fused).
 3. Each correction (optional, N of them): find the slice with the most wrong pixels (ties: the
@@ -113,11 +114,25 @@ def middle_slice(ref, axis=0) -> int:
     return int(present[len(present) // 2])
 
 
-def reference_prompt(ref, kind="box", axis=0) -> dict:
-    """The first prompt of the simulated user: add_prompt keyword arguments (frame, box or click)."""
+def largest_slice(ref, axis=0) -> int:
+    """The slice (along `axis`) where the reference has the most voxels (ties: the lowest index), the
+    key slice MedSAM2's own inference scripts prompt with a box from the label."""
+    frames = _frames(ref, axis)
+    area = frames.reshape(frames.shape[0], -1).sum(axis=1)
+    if not area.any():
+        raise InputError("the reference mask is empty: no prompt can be simulated")
+    return int(np.argmax(area))
+
+
+SLICE_RULES = {"middle": middle_slice, "largest": largest_slice}
+
+
+def reference_prompt(ref, kind="box", axis=0, slice_rule="middle") -> dict:
+    """The first prompt of the simulated user: add_prompt keyword arguments (frame, box or click) on the
+    object's middle slice (`medsam2 evaluate`) or its largest (slice_rule="largest", `medsam2 batch`)."""
     if kind not in PROMPT_KINDS:
         raise InputError(f"prompt kind must be one of {PROMPT_KINDS}; got {kind!r}")
-    frame = middle_slice(ref, axis)
+    frame = SLICE_RULES[slice_rule](ref, axis)
     section = _frames(ref, axis)[frame]
     if kind == "box":
         rows, cols = np.nonzero(section)
