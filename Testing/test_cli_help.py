@@ -133,3 +133,19 @@ def test_the_default_model_and_the_choice_lists_are_written_once():
     assert sorted(found, key=repr) == sorted([
         ("options.py", "default model"), ("models/registry.py", "default model"), ("options.py", options.DEVICES),
         ("options.py", options.MEMORY_MODES), ("options.py", options.PRECISIONS), ("options.py", options.AXES)], key=repr)
+
+
+def test_every_benchmark_runs_from_medsam2_bench(capsys):
+    """One entry point: each suite's own command answers through `medsam2 bench --suite`."""
+    from medsam2.cli.bench_suites import SUITES, suite_modules
+
+    assert set(suite_modules()) == set(SUITES) - {"engine"}, "every suite is found in this checkout"
+    for suite, usage in (("module", "MedSAM2Lib.bench"), ("web", "MedSAM2Web.bench"),
+                         ("bank", "medsam2.study.bank_study"), ("batch", "medsam2.study.batch_bench")):
+        with pytest.raises(SystemExit) as done:
+            cli_main(["bench", "--suite", suite, "--suite-args=--help"])
+        assert done.value.code == 0
+        assert usage in capsys.readouterr().out, suite
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["bench", "--suite", "gpu"])
+    assert refused.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""`medsam2 bench`: time and memory of the official predictor vs this engine, as a table."""
+"""`medsam2 bench`: time and memory of the official predictor vs this engine, as a table; with
+`--suite NAME`, any other benchmark of the project (bench_suites.py): one entry point for all."""
 
 import json
 
 from ..options import MEMORY_MODES
+from .bench_suites import SUITES, run_suite
 from .common import add_compile_argument, add_model_arguments, check_model_inputs
 
 
@@ -19,9 +21,17 @@ def add_arguments(p):
                         "SAM2 predictor and our engine in each memory mode")
     add_compile_argument(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--suite", default="engine", choices=SUITES,
+                   help="which benchmark: engine (default: this table), bank (memory-bank study), batch "
+                        "(cohorts on Ray), module (the Slicer module under Slicer's GIL policy), web (the web page)")
+    p.add_argument("--suite-args", default="", metavar="ARGS",
+                   help='the chosen suite\'s own arguments, quoted as one string, e.g. --suite module '
+                        '--suite-args "--sizes 512 --repeat 3" (--suite-args=--help lists them)')
 
 
 def run(args):
+    if args.suite != "engine":
+        return run_suite(args.suite, args.suite_args)
     from ..study.bench import VARIANTS, format_table, run_bench
     from ..errors import InputError
     from ..models.registry import get_spec

@@ -61,13 +61,18 @@ PLUGIN_GROUP = "medsam2.verbs"
 SOURCE_TREE_PLUGINS = {"web": "MedSAM2Web.cli"}
 
 
+def plugins(group: str = PLUGIN_GROUP, source_tree: dict | None = None) -> dict:
+    """{name: module name} from a group's entry points, else the source tree's (if importable)."""
+    found = {ep.name: ep.value.partition(":")[0] for ep in metadata.entry_points(group=group)}
+    for name, module_name in (SOURCE_TREE_PLUGINS if source_tree is None else source_tree).items():
+        if name not in found and util.find_spec(module_name.split(".")[0]) is not None:
+            found[name] = module_name
+    return found
+
+
 def plugin_verbs():
     """{verb: module name} from the `medsam2.verbs` entry points, else the source tree's."""
-    found = {ep.name: ep.value.partition(":")[0] for ep in metadata.entry_points(group=PLUGIN_GROUP)}
-    for verb, module_name in SOURCE_TREE_PLUGINS.items():
-        if verb not in found and util.find_spec(module_name.split(".")[0]) is not None:
-            found[verb] = module_name
-    return found
+    return plugins()
 
 
 def docs_location() -> str:
