@@ -59,10 +59,8 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
 
     warnings.simplefilter("ignore")
     import medsam2
-    from medsam2.models.build import official_overrides
     from medsam2.models.compilation import warm_up
     from medsam2.models.cpu_support import has_bf16_units
-    from medsam2.tracking.frames import FrameSource
 
     volume = chest_volume(slices)
     mid, fix = slices // 2, (3 * slices) // 4
@@ -86,63 +84,13 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
               "cpu_bf16_units": has_bf16_units() if dev.type == "cpu" else None}
 
     if variant == "official":
-        from sam2.build_sam import build_sam2_video_predictor
-
-        spec = model.spec
-        official = build_sam2_video_predictor(
-            spec.config, str(model.checkpoint_path), device=str(dev),
-            hydra_overrides_extra=official_overrides(model.image_size, spec.hydra_overrides))
-        amp = model.autocast()  # the official predictor in the same precision setting (see above)
+        # only what the official predictor needs: our model's memory is freed before it loads
+        spec, path, size, amp = model.spec, model.checkpoint_path, model.image_size, model.autocast()
         del model
-        with amp, tempfile.TemporaryDirectory() as tmp:
-            from PIL import Image
-
-            for i in range(2):  # init_state reads a JPEG folder; its frames are replaced by ours
-                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(Path(tmp) / f"{i:05d}.jpg")
-            frames = FrameSource(volume, official.image_size)  # the frames our engine builds
-            t0 = time.perf_counter()
-            state = official.init_state(tmp)
-            state["images"] = torch.stack([frames[i] for i in range(slices)]).to(dev)
-            state["num_frames"], (state["video_height"], state["video_width"]) = slices, volume.shape[1:]
-            state["cached_features"] = {}
-            official.add_new_points_or_box(state, mid, 1, points=[CLICK], labels=[1])
-            _sync(dev)
-            t1 = time.perf_counter()
-            masks = {}
-            for reverse in (False, True):
-                for f, _, logits in official.propagate_in_video(state, reverse=reverse):
-                    masks[f] = (logits[0, 0] > 0).cpu().numpy()
-            _sync(dev)
-            t2 = time.perf_counter()
-            official.add_new_points_or_box(state, fix, 1, points=[CORRECTION], labels=[1])
-            for reverse, count in ((False, slices - 1 - fix), (True, fix - mid - 1)):
-                for f, _, logits in official.propagate_in_video(state, start_frame_idx=fix,
-                                                                 max_frame_num_to_track=count, reverse=reverse):
-                    masks[f] = (logits[0, 0] > 0).cpu().numpy()
-            _sync(dev)
-            t3 = time.perf_counter()
-        result.update(first_prompt_s=t1 - t0, propagate_s=t2 - t1, correction_s=t3 - t2, cached_click_s=None)
-        stack = np.stack([masks[f] for f in range(slices)])
+        timings, stack = _time_official(spec, path, size, amp, dev, volume, slices, mid, fix)
     else:
-        t0 = time.perf_counter()
-        session = model.open(volume, memory=variant)
-        session.add_prompt(mid, obj_id=1, points=[CLICK], labels=[1])
-        _sync(dev)
-        t1 = time.perf_counter()
-        for _ in session.propagate("both"):
-            pass
-        _sync(dev)
-        t2 = time.perf_counter()
-        session.add_prompt(fix, obj_id=1, points=[CORRECTION], labels=[1])
-        for _ in session.propagate("both", start=fix):
-            pass
-        _sync(dev)
-        t3 = time.perf_counter()
-        stack = session.mask(1)  # the result compared with the official one
-        session.add_prompt(fix, obj_id=1, points=[(60.0, 40.0)], labels=[0])  # features cached
-        _sync(dev)
-        t4 = time.perf_counter()
-        result.update(first_prompt_s=t1 - t0, propagate_s=t2 - t1, correction_s=t3 - t2, cached_click_s=t4 - t3)
+        timings, stack = _time_engine(model, variant, volume, mid, fix)
+    result.update(timings)
     result["peak_rss_mb"] = _peak_rss_mb()
     result["rss_after_load_mb"] = rss_loaded
     result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
@@ -150,6 +98,73 @@ def run_variant(variant, model_name, checkpoint, image_size, slices, device, mas
     result["mask_fraction"] = float(stack.mean())
     np.save(masks_out, np.packbits(stack))
     return result
+
+
+def _time_official(spec, checkpoint_path, image_size, amp, dev, volume, slices, mid, fix):
+    """The official predictor on our frames and weights, under `amp` (the precision setting of
+    run_variant): a click, propagation, a correction."""
+    import torch
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from medsam2.models.build import official_overrides
+    from medsam2.tracking.frames import FrameSource
+
+    official = build_sam2_video_predictor(
+        spec.config, str(checkpoint_path), device=str(dev),
+        hydra_overrides_extra=official_overrides(image_size, spec.hydra_overrides))
+    with amp, tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image
+
+        for i in range(2):  # init_state reads a JPEG folder; its frames are replaced by ours
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(Path(tmp) / f"{i:05d}.jpg")
+        frames = FrameSource(volume, official.image_size)  # the frames our engine builds
+        t0 = time.perf_counter()
+        state = official.init_state(tmp)
+        state["images"] = torch.stack([frames[i] for i in range(slices)]).to(dev)
+        state["num_frames"], (state["video_height"], state["video_width"]) = slices, volume.shape[1:]
+        state["cached_features"] = {}
+        official.add_new_points_or_box(state, mid, 1, points=[CLICK], labels=[1])
+        _sync(dev)
+        t1 = time.perf_counter()
+        masks = {}
+        for reverse in (False, True):
+            for f, _, logits in official.propagate_in_video(state, reverse=reverse):
+                masks[f] = (logits[0, 0] > 0).cpu().numpy()
+        _sync(dev)
+        t2 = time.perf_counter()
+        official.add_new_points_or_box(state, fix, 1, points=[CORRECTION], labels=[1])
+        for reverse, count in ((False, slices - 1 - fix), (True, fix - mid - 1)):
+            for f, _, logits in official.propagate_in_video(state, start_frame_idx=fix,
+                                                             max_frame_num_to_track=count, reverse=reverse):
+                masks[f] = (logits[0, 0] > 0).cpu().numpy()
+        _sync(dev)
+        t3 = time.perf_counter()
+    timings = dict(first_prompt_s=t1 - t0, propagate_s=t2 - t1, correction_s=t3 - t2, cached_click_s=None)
+    return timings, np.stack([masks[f] for f in range(slices)])
+
+
+def _time_engine(model, variant, volume, mid, fix):
+    """This engine in one memory mode: the same work, then a click on a cached slice."""
+    dev = model.device
+    t0 = time.perf_counter()
+    session = model.open(volume, memory=variant)
+    session.add_prompt(mid, obj_id=1, points=[CLICK], labels=[1])
+    _sync(dev)
+    t1 = time.perf_counter()
+    for _ in session.propagate("both"):
+        pass
+    _sync(dev)
+    t2 = time.perf_counter()
+    session.add_prompt(fix, obj_id=1, points=[CORRECTION], labels=[1])
+    for _ in session.propagate("both", start=fix):
+        pass
+    _sync(dev)
+    t3 = time.perf_counter()
+    stack = session.mask(1)  # the result compared with the official one
+    session.add_prompt(fix, obj_id=1, points=[(60.0, 40.0)], labels=[0])  # features cached
+    _sync(dev)
+    t4 = time.perf_counter()
+    return dict(first_prompt_s=t1 - t0, propagate_s=t2 - t1, correction_s=t3 - t2, cached_click_s=t4 - t3), stack
 
 
 def run_bench(model_name, checkpoint, image_size, slice_counts, device="auto", variants=VARIANTS, log=print,
