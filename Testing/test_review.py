@@ -175,3 +175,28 @@ def test_a_jump_is_against_both_neighbours():
     assert jump(100, 50, 150) == 0.0  # a slope
     with pytest.raises(ValueError, match="max_jump"):
         FlagRule(max_jump=0.0)
+
+
+def test_next_uncertain_slice_cycles_through_the_flagged_ones():
+    from MedSAM2Lib.review import next_flagged
+
+    assert next_flagged([], 3) is None
+    assert [next_flagged([2, 7, 11], after) for after in (None, 0, 2, 7, 11, 20)] == [2, 2, 7, 11, 2, 2]
+    assert [next_flagged([2, 7, 11], after, backwards=True) for after in (None, 7, 2, 0)] == [11, 2, 11, 11]
+    assert next_flagged([5], 5) == 5  # the only one: it stays
+
+
+def test_the_strip_has_a_cell_per_slice_coloured_by_confidence():
+    from MedSAM2Lib.review import NO_RESULT, confidence_color, strip_cells
+
+    records = [{"frame": 1, "confidence": 0.0, "flagged": True, "reason": "low-confidence", "area": 5,
+                "source": "propagated"},
+               {"frame": 2, "confidence": 1.0, "flagged": False, "reason": "", "area": 9, "source": "prompt"}]
+    cells = strip_cells(records, 4)
+    assert [c["frame"] for c in cells] == [0, 1, 2, 3] and [c["flagged"] for c in cells] == [False, True, False, False]
+    assert cells[0]["color"] == cells[3]["color"] == NO_RESULT
+    red, green = (int(cells[1]["color"][i:i + 2], 16) for i in (1, 3)), (int(cells[2]["color"][i:i + 2], 16)
+                                                                         for i in (1, 3))
+    (r1, g1), (r2, g2) = red, green
+    assert r1 > g1 and g2 > r2 and confidence_color(1.5) == cells[2]["color"]
+    assert "low-confidence" in cells[1]["title"]

@@ -122,10 +122,17 @@ class Segmenter:
 
     # --- actions (each is bound to the segment selected when it is asked for) ---------------
     def place_point(self, ras, slice_normal, include: bool = True) -> None:
-        self._call("place_point", ras, slice_normal, include)
+        """The prompt, and its marker in the views where it was placed (undo hides it, redo shows it:
+        the controller's PromptMarkers, as in the Slicer module)."""
+        marker = None
+        if self._controller is not None:
+            from MedSAM2Lib.markers import Marker
+
+            marker = Marker.for_point(*self._controller.prompt_nodes.point(ras, include))
+        self._call("place_point", ras, slice_normal, include, marker=marker)
 
     def place_box(self, ras_a, ras_b, slice_normal) -> None:
-        self._call("place_box", ras_a, ras_b, slice_normal, show=False)
+        self._call("place_box", ras_a, ras_b, slice_normal, show=True)
 
     def propagate(self, direction: str = "both", slice_range=None, slice_normal=None) -> None:
         self._call("propagate", direction, slice_range, slice_normal)

@@ -7,3 +7,5 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too wherever a 
 PRECISIONS = ("auto", "float32", "bfloat16")
 AXES = ("one", "all")  # propagate along the prompted axis, or along all three and fuse
 DIRECTIONS = ("forward", "backward", "both")  # propagation: from the start frame up, down, or both
+# the predicted IoU below which the self-sorting bank admits no mask, and the review flags one
+MIN_CONFIDENCE = 0.5

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .memory_bank import BankParams
+from ..options import MIN_CONFIDENCE
 
 SOURCES = ("prompt", "propagated", "refined")
 REVIEW_KEYS = ("frame", "obj_id", "confidence", "object_score", "area", "change", "source", "flagged", "reason")
@@ -40,7 +40,7 @@ class FlagRule:
     """When a slice is flagged for review (see the module docstring; defaults: docs/review.md)."""
 
     # the bank's admission threshold: a slice the self-sorting bank would not remember is worth a look
-    min_confidence: float = BankParams.min_confidence
+    min_confidence: float = MIN_CONFIDENCE
     # above every jump CTChest4's reference segments make (at most 0.25, along any axis)
     max_jump: float = 0.4
 

@@ -1,0 +1,94 @@
+"""The web page's correction loop in a real browser (Chromium via Playwright, `medsam2 web` started as
+a user starts it): prompt markers drawn where they were placed, on their slice only, following undo
+and redo. Fixtures and helpers are test_web.py's (its own server for this module)."""
+
+import numpy as np
+
+from MedSAM2Web import testing as web
+from test_web import (MIDDLE, browser, button, choose_tool, click_voxel, fresh_segment, page,  # noqa: F401
+                      prompt_number, red, right_lung_voxel, show_slice, site, wait_prompt)
+
+from MedSAM2Lib.prompt_nodes import EXCLUDE_COLOR, INCLUDE_COLOR
+
+BLUE = "#0000ff"  # the segment's colour: neither marker colour
+BOX_COLOR = (1.0, 0.5, 0.5)  # a markups ROI's default (selected) colour: the box outline
+MARKER_RADIUS_PX = 14  # a marker glyph is drawn within this distance of the click
+MIN_MARKER_PX = 6
+
+
+def _hex(rgb):
+    return "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
+
+
+def marker_pixels(page, url, ijk, rgb) -> int:
+    """Pixels in the marker's colour within MARKER_RADIUS_PX of where the voxel shows in the Red view."""
+    x, y = web.ijk_to_view_point(web.status(page, url), ijk)
+    image = web.screenshot_rgb(red(page))
+    rows, cols = np.mgrid[:image.shape[0], :image.shape[1]]
+    near = (cols - x) ** 2 + (rows - y) ** 2 <= MARKER_RADIUS_PX ** 2
+    return int((web.tinted(image, _hex(rgb)) & near).sum())
+
+
+def shows(page, url, ijk, rgb, present=True, what="a marker"):
+    web.wait_until(lambda: (marker_pixels(page, url, ijk, rgb) >= MIN_MARKER_PX) == present, 20, interval=0.3,
+                   what=f"{what} to {'appear' if present else 'vanish'}")
+
+
+def test_prompt_markers_show_where_placed_on_their_slice_and_follow_undo(site, page, right_lung_voxel):
+    url = site["url"]
+    fresh_segment(page, url, BLUE)
+    i, j, k = right_lung_voxel
+    include, exclude = (i, j, k), (i + 12, j + 6, k)
+    show_slice(page, url, k)
+    assert marker_pixels(page, url, include, INCLUDE_COLOR) < MIN_MARKER_PX  # nothing there before
+    assert marker_pixels(page, url, exclude, EXCLUDE_COLOR) < MIN_MARKER_PX
+    choose_tool(page, "Include point")
+    click_voxel(page, url, include)
+    shows(page, url, include, INCLUDE_COLOR, what="the include marker")
+    choose_tool(page, "Exclude point")
+    click_voxel(page, url, exclude)
+    shows(page, url, exclude, EXCLUDE_COLOR, what="the exclude marker")
+
+    show_slice(page, url, k + 1)  # on their slice only
+    shows(page, url, include, INCLUDE_COLOR, present=False, what="the include marker on the next slice")
+    assert marker_pixels(page, url, exclude, EXCLUDE_COLOR) < MIN_MARKER_PX
+    show_slice(page, url, k)
+    shows(page, url, include, INCLUDE_COLOR)
+
+    button(page, "Undo").click()  # the exclude point leaves the engine and the view
+    shows(page, url, exclude, EXCLUDE_COLOR, present=False, what="the undone exclude marker")
+    assert marker_pixels(page, url, include, INCLUDE_COLOR) >= MIN_MARKER_PX
+    button(page, "Undo").click()
+    shows(page, url, include, INCLUDE_COLOR, present=False, what="the undone include marker")
+    button(page, "Redo").click()
+    shows(page, url, include, INCLUDE_COLOR, what="the redone include marker")
+
+    # a box, on the slice below: its outline where it was drawn
+    corners = (i - 10, j - 10, k - 1), (i + 10, j + 10, k - 1)
+    edge = (i, j - 10, k - 1)  # the middle of its top side
+    show_slice(page, url, k - 1)
+    assert marker_pixels(page, url, edge, BOX_COLOR) < MIN_MARKER_PX
+    draw_box(page, url, *corners)
+    shows(page, url, edge, BOX_COLOR, what="the box outline")
+    web.keep_page_screenshot(page, "web-prompt-markers.jpg")
+    show_slice(page, url, k - 2)
+    shows(page, url, edge, BOX_COLOR, present=False, what="the box on another slice")
+    show_slice(page, url, k - 1)
+    button(page, "Undo").click()
+    shows(page, url, edge, BOX_COLOR, present=False, what="the undone box")
+    page.keyboard.press("Escape")
+
+
+def draw_box(page, url, corner_a, corner_b):
+    """Press, drag and release with the box tool from one voxel to the other (on the shown slice)."""
+    choose_tool(page, "Box")
+    state = web.status(page, url)
+    (xa, ya), (xb, yb) = (web.ijk_to_view_point(state, c) for c in (corner_a, corner_b))
+    origin = red(page).bounding_box()
+    before = prompt_number(page, url)
+    page.mouse.move(origin["x"] + xa, origin["y"] + ya)
+    page.mouse.down()
+    for t in np.linspace(0.2, 1.0, 5):
+        page.mouse.move(origin["x"] + xa + t * (xb - xa), origin["y"] + ya + t * (yb - ya))
+    page.mouse.up()
+    wait_prompt(page, url, before)
