@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 
+from medsam2.prompt import Prompt
+
 AXIAL = (0.0, 0.0, 1.0)
 WINDOW = (-1000.0, 400.0)
 
@@ -103,7 +105,7 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
     try:
         engine.wait_ready(timeout=300)
         warm = engine.open(frames[:2], memory="sam2", window=WINDOW)
-        engine.wait(warm.add_prompt(0, points=[[x, y]], labels=[1]), 300)
+        engine.wait(warm.add_prompt(Prompt.make(0, points=[[x, y]], labels=[1])), 300)
         session = SegmentationSession(volume, segmentation, segment_id, engine, memory="sam2", window=WINDOW)
         ticks = []
 
