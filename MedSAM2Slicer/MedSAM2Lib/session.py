@@ -319,7 +319,8 @@ class SegmentationSession:
         latest = next((a.review for a in reversed(done) if a.review is not None), None)
         if not latest:
             return []
-        shown = {f for a in done for f in a.changes}
+        # the frames they wrote, and the prompted ones (an edited slice is a prompt that writes nothing)
+        shown = {f for a in done for f in a.changes} | {a.prompt.frame for a in done if a.prompt is not None}
         return [r for r in latest if r["frame"] in shown]
 
     def _engine_for(self, state: AxisState):
