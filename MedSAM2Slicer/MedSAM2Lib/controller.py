@@ -20,6 +20,7 @@ import vtk
 
 from medsam2.errors import InputError
 from medsam2.options import AXES, MEMORY_MODES
+from medsam2.tracking.review import FlagRule, flag_rows
 
 from .geometry import slice_view_center, slice_view_normal
 from .jobs import PromptJob, PropagationJob
@@ -78,6 +79,7 @@ class ModuleController:
         self._last_activity = time.monotonic()  # for the idle unload (settings.idle_unload_minutes)
         self._target = (None, None, "")
         self._view = None  # the slice node review navigation reads and moves (attach_view)
+        self.review_rule = FlagRule()  # which slices review() flags (set_review_rule)
         self._segment_watch: dict = {}  # segmentation node ID -> (node, observer tag)
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
         self._observers.append(scene.AddObserver(scene.NodeAboutToBeRemovedEvent, self._on_node_removed))
@@ -339,17 +341,27 @@ class ModuleController:
         and show_frame move (a shell's prompt view); None detaches."""
         self._view = slice_node
 
+    def set_review_rule(self, min_confidence: float | None = None, max_jump: float | None = None) -> None:
+        """A stricter or looser review (docs/review.md); what is not given stays."""
+        rule = self.review_rule
+        try:
+            self.review_rule = FlagRule(rule.min_confidence if min_confidence is None else float(min_confidence),
+                                        rule.max_jump if max_jump is None else float(max_jump))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"Review: {exc}.") from None
+
     def review(self) -> list:
         """The selected segment's review records (one dict per slice: frame, confidence, area,
-        change, source, flagged, ...) along the attached view's axis (without one: the axis last
-        worked on). [] before the engine has said anything. Never waits."""
+        change, source, flagged, reason) along the attached view's axis (without one: the axis
+        last worked on), flagged by `review_rule`. [] before the engine has said anything. Never waits."""
         session = self.session(create=False)
         if session is None:
             return []
         try:
-            return session.review(slice_view_normal(self._view) if self._view is not None else None)
+            records = session.review(slice_view_normal(self._view) if self._view is not None else None)
         except InputError:  # an oblique view: it shows no slice of the volume
             return []
+        return flag_rows([dict(r) for r in records], self.review_rule, ordered=not session.image_set)
 
     def next_uncertain_slice(self, after: int | None = None, backwards: bool = False) -> int | None:
         """The next flagged slice after `after` (default: the attached view's slice), cycling; the

@@ -71,29 +71,41 @@ def review_rows(obj_ids: list[int], records_of: Callable[[int], dict], area_of: 
     records_of(obj_id) -> {frame: SliceRecord}; area_of(obj_id, frame) -> pixels of the kept mask (0
     where none). ordered=False (an image set): neighbours mean nothing, only low confidence flags.
     """
-    rule = rule or FlagRule()
     rows = []
     for obj_id in obj_ids:
         records = records_of(obj_id)
-        frames = sorted(records)
-        areas = {f: int(area_of(obj_id, f)) for f in frames}
-        present = [f for f in frames if areas[f] > 0]
-        first, last = (present[0], present[-1]) if present else (None, None)
-        for f in frames:
+        areas = {f: int(area_of(obj_id, f)) for f in records}
+        for f in sorted(records):
             rec, area = records[f], areas[f]
             before = areas[f - 1] if f - 1 in areas else int(area_of(obj_id, f - 1)) if f > 0 else area
+            rows.append(dict(frame=f, obj_id=obj_id, confidence=rec.confidence, object_score=rec.object_score,
+                             area=area, change=change(area, before), source=rec.source))
+    rows.sort(key=lambda r: r["frame"])  # stable: objects keep their order within a frame
+    return flag_rows(rows, rule, ordered)
+
+
+def flag_rows(rows: list[dict], rule: FlagRule | None = None, ordered: bool = True) -> list[dict]:
+    """Set `flagged` and `reason` of review rows by the rule (in place; returns them). A slice's
+    neighbours are the rows of the same object on the frames either side. Re-flagging rows with
+    another rule needs nothing else (a shell offers a stricter review without asking the engine)."""
+    rule = rule or FlagRule()
+    by_obj: dict[int, dict[int, dict]] = {}
+    for r in rows:
+        by_obj.setdefault(r["obj_id"], {})[r["frame"]] = r
+    for of_obj in by_obj.values():
+        present = sorted(f for f, r in of_obj.items() if r["area"] > 0)
+        first, last = (present[0], present[-1]) if present else (None, None)
+        for f, r in of_obj.items():
+            area, prev, nxt = r["area"], of_obj.get(f - 1), of_obj.get(f + 1)
             reasons = []
-            if area > 0 and rec.confidence < rule.min_confidence:
+            if area > 0 and r["confidence"] < rule.min_confidence:
                 reasons.append("low-confidence")
-            if ordered and f - 1 in records and f + 1 in records \
-                    and jump(area, areas[f - 1], areas[f + 1]) >= rule.max_jump and area > 0:
+            if ordered and prev is not None and nxt is not None and area > 0 \
+                    and jump(area, prev["area"], nxt["area"]) >= rule.max_jump:
                 reasons.append("area-jump")
             if ordered and area == 0 and first is not None and first < f < last:
                 reasons.append("vanished")
-            rows.append(dict(frame=f, obj_id=obj_id, confidence=rec.confidence, object_score=rec.object_score,
-                             area=area, change=change(area, before), source=rec.source, flagged=bool(reasons),
-                             reason=",".join(reasons)))
-    rows.sort(key=lambda r: r["frame"])  # stable: objects keep their order within a frame
+            r["flagged"], r["reason"] = bool(reasons), ",".join(reasons)
     return rows
 
 
