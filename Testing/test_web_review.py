@@ -1,12 +1,13 @@
 """The web page's correction loop in a real browser (Chromium via Playwright, `medsam2 web` started as
 a user starts it): prompt markers drawn where they were placed, on their slice only, following undo
-and redo. Fixtures and helpers are test_web.py's (its own server for this module)."""
+and redo; the review strip and "Next uncertain slice" after a propagation. Fixtures and helpers are
+test_web.py's (its own server for this module)."""
 
 import numpy as np
 
 from MedSAM2Web import testing as web
-from test_web import (MIDDLE, browser, button, choose_tool, click_voxel, fresh_segment, page,  # noqa: F401
-                      prompt_number, red, right_lung_voxel, show_slice, site, wait_prompt)
+from test_web import (MIDDLE, SLICES, browser, button, choose_tool, click_voxel, fresh_segment, page,  # noqa: F401
+                      prompt_number, red, red_slice, right_lung_voxel, show_slice, site, wait_prompt)
 
 from MedSAM2Lib.prompt_nodes import EXCLUDE_COLOR, INCLUDE_COLOR
 
@@ -92,3 +93,54 @@ def draw_box(page, url, corner_a, corner_b):
         page.mouse.move(origin["x"] + xa + t * (xb - xa), origin["y"] + ya + t * (yb - ya))
     page.mouse.up()
     wait_prompt(page, url, before)
+
+
+def shown_slice(page, url):
+    return round(red_slice(web.status(page, url)))
+
+
+def test_next_uncertain_slice_shows_a_flagged_slice_after_propagate(site, page, right_lung_voxel):
+    from MedSAM2Lib.review import next_flagged
+
+    url = site["url"]
+    fresh_segment(page, url, BLUE)
+    choose_tool(page, "Include point")
+    click_voxel(page, url, right_lung_voxel)
+    page.keyboard.press("Escape")
+    (record,) = web.status(page, url)["review"]  # the clicked slice, confident enough
+    assert record["frame"] == MIDDLE and record["source"] == "prompt" and not record["flagged"], record
+    button(page, "Next uncertain slice").click()
+    page.get_by_role("status").filter(has_text="No uncertain slices").wait_for(timeout=10_000)
+    assert shown_slice(page, url) == MIDDLE
+
+    button(page, "Propagate").click()
+    page.get_by_role("progressbar", name="Progress").wait_for(timeout=30_000)
+    state = web.wait_idle(page, url, timeout=300)
+    review = web.wait_until(lambda: len(web.status(page, url)["review"]) == SLICES and web.status(page, url)["review"],
+                            30, what="the review of every slice")
+    assert [r["frame"] for r in review] == list(range(SLICES)) and state["error"] == ""
+    # a stricter review than the default: the less confident half of the slices is flagged
+    threshold = sorted(r["confidence"] for r in review)[SLICES // 2]
+    field = page.get_by_label("Flag below confidence")
+    field.fill(f"{threshold:.6f}")
+    field.press("Tab")
+    review = web.wait_until(lambda: (r := web.status(page, url)["review"]) and any(x["flagged"] for x in r) and r,
+                            10, what="flagged slices")
+    flagged = [r["frame"] for r in review if r["flagged"]]
+    assert flagged == [r["frame"] for r in review if 0 < r["area"] and r["confidence"] < threshold]
+
+    cells = page.get_by_role("group", name="Review strip").get_by_role("button")
+    assert cells.count() == SLICES
+    assert [cells.nth(f).get_attribute("data-flagged") == "true" for f in range(SLICES)] == \
+        [f in flagged for f in range(SLICES)]
+
+    expected = next_flagged(flagged, MIDDLE)
+    button(page, "Next uncertain slice").click()
+    web.wait_until(lambda: shown_slice(page, url) == expected, 10, what=f"the Red view to show slice {expected}")
+    assert expected in flagged and expected != MIDDLE
+    web.keep_page_screenshot(page, "web-review-strip.jpg")  # docs/slicer.md's, when asked
+    page.keyboard.press("Shift+N")  # back: the flagged slice before it, cycling
+    back = next_flagged(flagged, expected, backwards=True)
+    web.wait_until(lambda: shown_slice(page, url) == back, 10, what=f"Shift+N to show slice {back}")
+    cells.nth(2).click()  # a strip cell shows its slice
+    web.wait_until(lambda: shown_slice(page, url) == 2, 10, what="the clicked cell's slice")

@@ -16,6 +16,8 @@ import os
 from medsam2.errors import MedSAM2Error
 from medsam2.masks import pack_mask
 
+from medsam2.options import MIN_CONFIDENCE
+
 from . import page, scene, views
 from .segmenter import EngineSettings, Segmenter
 
@@ -28,7 +30,9 @@ KEYS = {
     "I": ("tool", "include"), "X": ("tool", "exclude"), "O": ("tool", "box"), "Escape": ("tool", None),
     "Shift+P": ("propagate", None), "Shift+U": ("propagate", "up"), "Shift+D": ("propagate", "down"),
     "Shift+R": ("refine", None), "Ctrl+Z": ("undo", None), "Ctrl+Y": ("redo", None), "Ctrl+Shift+Z": ("redo", None),
+    "N": ("next_uncertain_slice", False), "Shift+N": ("next_uncertain_slice", True),
 }
+NO_UNCERTAIN = "No uncertain slices"
 
 
 class WebApp:
@@ -45,6 +49,8 @@ class WebApp:
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
         self.layouts.register_layout_dict(views.layouts())
         self.tools = views.PromptTools(self.place_point, self.place_box)
+        red = self.slicer.view_manager.get_view("Red")
+        self.segmenter.review_view = red.get_view_node() if red is not None else None
         for view in self.slicer.view_manager.get_slice_views():
             # a slice view draws images: trame-slicer's 8x multisampling changes nothing visible but
             # multiplies the cost of each redraw in Mesa's software renderer (every propagated slice)
@@ -74,7 +80,9 @@ class WebApp:
             "can_undo": False, "can_redo": False, "error": "", "message": "",
             "window_presets": ["Auto", *(p for p, _, _ in scene.WINDOW_PRESETS)], "window_width": 0, "window_level": 0,
             "saved": False, "output_path": self.output_path, "output_name": os.path.basename(self.output_path),
+            "review_cells": [], "review_flagged": 0, "review_min_confidence": MIN_CONFIDENCE,
         })
+        s.change("review_min_confidence")(lambda review_min_confidence, **_: self._set_review_rule(review_min_confidence))
         s.change("tool")(lambda tool, **_: self.tools.set_tool(tool or None))
         s.change("layout_name")(lambda layout_name, **_: self._set_layout(layout_name))
 
@@ -85,6 +93,8 @@ class WebApp:
         s.progress_text = progress.text if progress else ""
         s.progress_percent = round(100 * progress.value / progress.maximum) if progress and progress.maximum else 0
         s.can_undo, s.can_redo = seg.can_undo, seg.can_redo
+        s.review_cells = seg.review_strip(s.slice_count)
+        s.review_flagged = sum(cell["flagged"] for cell in s.review_cells)
 
     def _refresh_segments(self):
         node = self.segmentation
@@ -252,10 +262,29 @@ class WebApp:
         self.segmenter.cancel()
         self._refresh()
 
+    # --- review: the slices worth a look -------------------------------------------------------
+    def next_uncertain_slice(self, backwards: bool = False) -> None:
+        """Move the Red view to the next (previous) flagged slice, cycling; the status says when none is."""
+        frame = self.segmenter.next_uncertain_slice(bool(backwards))
+        self.show_message(NO_UNCERTAIN if frame is None else "")
+
+    def show_review_slice(self, frame: int) -> None:
+        self.segmenter.show_frame(int(frame))
+
+    def _set_review_rule(self, min_confidence) -> None:
+        try:
+            value = float(min_confidence)
+        except (TypeError, ValueError):
+            return self.show_error(f"Flag below confidence: give a number from 0 to 1; got {min_confidence!r}.")
+        self.segmenter.set_review_rule(value)
+        self._refresh()
+
     def on_key(self, combo: str) -> None:
         action, arg = KEYS.get(combo, (None, None))
         if action == "tool":
             self.state.tool = arg
+        elif action == "next_uncertain_slice":
+            self.next_uncertain_slice(arg)
         elif action == "propagate":
             self.propagate(arg)
         elif action in ("refine", "undo", "redo"):
@@ -322,5 +351,6 @@ class WebApp:
         out.update({"segment_id": s.segment_id, "tool": s.tool, "busy": self.segmenter.busy,
                     "can_undo": self.segmenter.can_undo, "can_redo": self.segmenter.can_redo,
                     "last_prompt": self.segmenter.last_prompt, "error": s.error, "message": s.message,
+                    "review": self.segmenter.review(),
                     "output": self.output_path, "saved": bool(s.saved), "layout": s.layout_name})
         return out
