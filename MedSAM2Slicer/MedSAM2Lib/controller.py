@@ -27,7 +27,7 @@ from .jobs import PromptJob, PropagationJob
 from .markers import Marker, PromptMarkers
 from .models import ModelSettings
 from .prompt_nodes import PromptNodes
-from .review import flagged_frames, next_flagged
+from .review import flagged_frames, next_flagged, strip_cells
 from .session import POLL_BUDGET_S, SegmentationSession
 
 log = logging.getLogger("MedSAM2")
@@ -362,6 +362,18 @@ class ModuleController:
         except InputError:  # an oblique view: it shows no slice of the volume
             return []
         return flag_rows([dict(r) for r in records], self.review_rule, ordered=not session.image_set)
+
+    def review_cells(self) -> list:
+        """The review strip: one cell per slice of the attached view's axis (frame, color by
+        confidence, flagged, title); [] without a session or a view on a volume axis."""
+        session = self.session(create=False)
+        if session is None or self._view is None:
+            return []
+        try:
+            num_frames = session.layout(slice_view_normal(self._view)).num_frames
+        except InputError:
+            return []
+        return strip_cells(self.review(), num_frames)
 
     def next_uncertain_slice(self, after: int | None = None, backwards: bool = False) -> int | None:
         """The next flagged slice after `after` (default: the attached view's slice), cycling; the

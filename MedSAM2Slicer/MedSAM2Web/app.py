@@ -93,7 +93,7 @@ class WebApp:
         s.progress_text = progress.text if progress else ""
         s.progress_percent = round(100 * progress.value / progress.maximum) if progress and progress.maximum else 0
         s.can_undo, s.can_redo = seg.can_undo, seg.can_redo
-        s.review_cells = seg.review_strip(s.slice_count)
+        s.review_cells = seg.review_strip()
         s.review_flagged = sum(cell["flagged"] for cell in s.review_cells)
 
     def _refresh_segments(self):

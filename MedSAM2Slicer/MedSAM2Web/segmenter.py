@@ -170,11 +170,9 @@ class Segmenter:
         """The selected segment's review records along the Red view's axis ([] before any)."""
         return self._controller.review() if self._controller is not None else []
 
-    def review_strip(self, num_frames: int) -> list:
+    def review_strip(self) -> list:
         """One cell per slice of the Red view's axis: frame, color (by confidence), flagged, title."""
-        from MedSAM2Lib.review import strip_cells
-
-        return strip_cells(self.review(), num_frames)
+        return self._controller.review_cells() if self._controller is not None else []
 
     def next_uncertain_slice(self, backwards: bool = False) -> int | None:
         """Show the next (previous) flagged slice after the one on screen; None when none is flagged."""
