@@ -98,5 +98,12 @@ def test_the_review_follows_the_segment_and_next_uncertain_slice_moves_the_view(
     before = [f for f in flagged if f < expected]
     assert controller.next_uncertain_slice(backwards=True) == (before[-1] if before else max(flagged))
     assert controller.show_frame(0) and _shown_slice(volume, view) == 0
+    controller.set_review_rule(min_confidence=1.0)  # stricter: every slice with a mask under 1.0 is flagged
+    assert [r["frame"] for r in controller.review() if r["flagged"]] == \
+        sorted(set(flagged) | {f for f, r in records.items() if r["area"] and r["confidence"] < 1.0})
+    cells = controller.review_cells()
+    assert [c["frame"] for c in cells] == list(range(6)) and [c["flagged"] for c in cells] == \
+        [r["flagged"] for r in controller.review()]
+    controller.set_review_rule(min_confidence=0.5)
     controller.undo()  # the painted slice's prompt: its flag goes with it
     assert k + 1 not in [r["frame"] for r in controller.review() if r["flagged"]]

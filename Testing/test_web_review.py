@@ -120,14 +120,16 @@ def test_next_uncertain_slice_shows_a_flagged_slice_after_propagate(site, page, 
                             30, what="the review of every slice")
     assert [r["frame"] for r in review] == list(range(SLICES)) and state["error"] == ""
     # a stricter review than the default: the less confident half of the slices is flagged
-    threshold = sorted(r["confidence"] for r in review)[SLICES // 2]
+    typed = f"{sorted(r['confidence'] for r in review)[SLICES // 2]:.6f}"
     field = page.get_by_label("Flag below confidence")
-    field.fill(f"{threshold:.6f}")
+    field.fill(typed)
     field.press("Tab")
     review = web.wait_until(lambda: (r := web.status(page, url)["review"]) and any(x["flagged"] for x in r) and r,
                             10, what="flagged slices")
     flagged = [r["frame"] for r in review if r["flagged"]]
-    assert flagged == [r["frame"] for r in review if 0 < r["area"] and r["confidence"] < threshold]
+    low = [r["frame"] for r in review if 0 < r["area"] and r["confidence"] < float(typed)]
+    assert low and [r["frame"] for r in review if "low-confidence" in r["reason"]] == low
+    assert set(low) <= set(flagged) and all(r["reason"] for r in review if r["flagged"])
 
     cells = page.get_by_role("group", name="Review strip").get_by_role("button")
     assert cells.count() == SLICES
