@@ -200,3 +200,17 @@ def test_the_strip_has_a_cell_per_slice_coloured_by_confidence():
     (r1, g1), (r2, g2) = red, green
     assert r1 > g1 and g2 > r2 and confidence_color(1.5) == cells[2]["color"]
     assert "low-confidence" in cells[1]["title"]
+
+
+def test_the_default_rule_flags_no_reference_slice_and_catches_every_emptied_one(capsys):
+    """What docs/review.md claims from the study: on CTChest4's reference segments, along every axis,
+    the default max_jump flags nothing and an emptied interior slice is always caught."""
+    from medsam2.study import review_study
+
+    rows = review_study.geometry_rows(review_study.chest_case()[1])
+    default = FlagRule().max_jump
+    assert default in review_study.JUMPS
+    assert sum(r["false"][default] for r in rows) == 0
+    assert max(r["max_jump"] for r in rows) < default
+    assert sum(r["emptied"] for r in rows) == sum(r["inner"] for r in rows) > 900
+    assert review_study.main(["--no-model"]) == 0 and "reference slices flagged" in capsys.readouterr().out

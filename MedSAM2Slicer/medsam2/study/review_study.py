@@ -36,15 +36,21 @@ LEAKS = (0.5, 1.0, 2.0)  # a leak adds this share of the slice's own area
 
 
 def chest_case():
-    """(Volume, [(label, name, bool mask)]) of slicerio's CTChest4 and its reference segmentation."""
+    """(Volume, [(label, name, bool mask (k, j, i))]) of slicerio's CTChest4 and its reference
+    segmentation (stored on the CT's own voxel grid: checked)."""
     import slicerio
 
-    from ..cli.evaluate import read_reference
     from ..io.volume_io import read_volume
 
     data = os.path.join(os.path.dirname(slicerio.__file__), "data")
     volume = read_volume(os.path.join(data, "CTChest4.nrrd"))
-    return volume, read_reference(os.path.join(data, "Segmentation.seg.nrrd"), volume)
+    seg = slicerio.read_segmentation(os.path.join(data, "Segmentation.seg.nrrd"))
+    voxels = seg["voxels"] if seg["voxels"].ndim == 4 else seg["voxels"][..., None]  # (i, j, k, layer)
+    if voxels.shape[:3] != volume.array.shape[::-1]:
+        raise ValueError(f"the reference's grid {voxels.shape[:3]} is not the CT's {volume.array.shape[::-1]}")
+    objects = [(s["labelValue"], s["name"], np.ascontiguousarray((voxels[..., s.get("layer", 0)] == s["labelValue"])
+                                                                  .transpose(2, 1, 0))) for s in seg["segments"]]
+    return volume, objects
 
 
 def flags(areas, rule) -> list[int]:
