@@ -140,6 +140,7 @@ def test_next_uncertain_slice_shows_a_flagged_slice_after_propagate(site, page, 
     button(page, "Next uncertain slice").click()
     web.wait_until(lambda: shown_slice(page, url) == expected, 10, what=f"the Red view to show slice {expected}")
     assert expected in flagged and expected != MIDDLE
+    page.wait_for_timeout(1500)  # the view streams: let its image catch up before the picture
     web.keep_page_screenshot(page, "web-review-strip.jpg")  # docs/slicer.md's, when asked
     page.keyboard.press("Shift+N")  # back: the flagged slice before it, cycling
     back = next_flagged(flagged, expected, backwards=True)
