@@ -322,7 +322,7 @@ class RemoteSession:
 
     def review(self, obj_id: int | None = None) -> list[dict]:
         """The session's review records, as a local session's `review()` returns them."""
-        params = {} if obj_id is None else {"obj_id": _obj_id(obj_id)}
+        params = {} if obj_id is None else {"obj_id": as_obj_id(obj_id)}
         return self._call("GET", "/review", "review", params=params).json()["records"]
 
     def propagate(self, direction: str = "both", start: int | None = None, stop=None,
