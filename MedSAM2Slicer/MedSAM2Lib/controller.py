@@ -413,7 +413,8 @@ class ModuleController:
     # --- state for the shell ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return any(s.busy for s in self.sessions())
+        """A job runs or waits, or review records are on their way (the shell keeps polling)."""
+        return any(s.busy or s.reviewing for s in self.sessions())
 
     @property
     def can_undo(self) -> bool:
@@ -454,7 +455,7 @@ class ModuleController:
             self._last_activity = time.monotonic()
         changed = False
         for session in self.sessions():
-            if not session.busy:
+            if not (session.busy or session.reviewing):
                 continue
             for job in session.poll(max(0.005, deadline - time.monotonic())):
                 self._finished(session, job)

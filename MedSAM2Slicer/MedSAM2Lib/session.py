@@ -101,7 +101,12 @@ class SegmentationSession:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None or any(not j.done for j in self._queue) or bool(self._reviews)
+        return self._running is not None or any(not j.done for j in self._queue)
+
+    @property
+    def reviewing(self) -> bool:
+        """Review records are on their way from the engine (poll() takes them; undo need not wait)."""
+        return bool(self._reviews)
 
     @property
     def current_job(self):
@@ -357,6 +362,9 @@ class SegmentationSession:
         finally:
             if not job.done:  # interrupted: leave nothing running behind the caller's back
                 job.cancel()
+        deadline = time.monotonic() + 30.0
+        while self._reviews and time.monotonic() < deadline:  # a script reads review() next
+            self.poll(0.05)
         if job.error is not None:
             raise job.error
         return job.action
