@@ -112,6 +112,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownSegments = None   # (id, name) pairs in the segment list now
         self._updatingSegments = False
         self._lastTickError = None
+        self._stripCells = []        # the review strip's cell buttons, and what they show
+        self._stripShown = None
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # --- setup ----------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.setRangeFromViewButton, self.onRangeFromView),
                                 (self.ui.checkpointBrowseButton, self.onBrowseCheckpoint),
                                 (self.ui.installButton, lambda: self.ensureDependencies(force_dialog=True)),
-                                (self.ui.downloadButton, self.onDownloadModel), (self.ui.unloadButton, self.onUnloadModel)):
+                                (self.ui.downloadButton, self.onDownloadModel), (self.ui.unloadButton, self.onUnloadModel),
+                                (self.ui.nextUncertainButton, self.onNextUncertainSlice)):
             button.connect("clicked()", handler)
         self.ui.segmentComboBox.connect("currentIndexChanged(int)", self.onSegmentSelected)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
@@ -443,6 +446,36 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if sliceNode is not None and self._readyForPrompts():
             self.logic.controller.refine(slice_view_center(sliceNode), slice_view_normal(sliceNode), self._range())
 
+    # --- review: the slices worth a look (docs/review.md) -----------------------------------
+    def onNextUncertainSlice(self, backwards=False):
+        c = self.logic.controller
+        c.attach_view(self._currentSliceNode())
+        if c.next_uncertain_slice(backwards=backwards) is None:
+            self._showMessage("No uncertain slices")
+
+    def _updateReviewStrip(self):
+        """Redraw the strip when what it shows changed (on_changed comes every tick while busy)."""
+        c = self.logic.controller
+        c.attach_view(self._currentSliceNode())
+        cells = c.review_cells()
+        shown = [(cell["color"], cell["flagged"], cell["title"]) for cell in cells]
+        if shown == self._stripShown:
+            return
+        self._stripShown = shown
+        for button in self._stripCells:
+            button.setParent(None)
+        self._stripCells = []
+        layout = self.ui.reviewStripWidget.layout()
+        for cell in cells:
+            button = qt.QToolButton()
+            cap = "5px solid white" if cell["flagged"] else "none"
+            button.setStyleSheet(f"background: {cell['color']}; border: none; border-top: {cap};")
+            button.setFixedHeight(22 if cell["flagged"] else 12)
+            button.toolTip = cell["title"]
+            button.connect("clicked()", lambda frame=cell["frame"]: c.show_frame(frame))
+            layout.addWidget(button, 0, qt.Qt.AlignBottom)
+            self._stripCells.append(button)
+
     def onRangeFromView(self):
         sliceNode = self._currentSliceNode()
         around = sliceNode and self.logic.controller.slice_range_around(slice_view_center(sliceNode), slice_view_normal(sliceNode))
@@ -501,6 +534,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = ready
         self.ui.undoButton.enabled = bool(ready and c.can_undo)
         self.ui.redoButton.enabled = bool(ready and c.can_redo)
+        self.ui.nextUncertainButton.enabled = ready
+        if c is not None:
+            self._updateReviewStrip()
 
     # --- shortcuts ------------------------------------------------------------------------
     def _installShortcuts(self):
@@ -519,6 +555,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Ctrl+Z": self.logic.controller.undo,
             "Ctrl+Y": self.logic.controller.redo,
             "Ctrl+Shift+Z": self.logic.controller.redo,
+            "N": self.onNextUncertainSlice,
+            "Shift+N": lambda: self.onNextUncertainSlice(backwards=True),
         }
         assert set(handlers) == {k for k, _ in SHORTCUTS}, "help text and bindings must agree"
         for key, handler in handlers.items():

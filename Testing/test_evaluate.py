@@ -163,6 +163,8 @@ def test_evaluate_on_the_chest_ct_and_its_segmentation(tmp_path, random_checkpoi
         hd = ev.hd95(pred, ref, spacing)
         assert (o["hd95_mm"] is None and hd == math.inf) or o["hd95_mm"] == pytest.approx(hd)
         assert 0.0 <= o["dice"] <= 1.0
+        assert 0 <= o["flagged_slices"] <= ref.shape[0]
+        assert {o["review_recall_at_5"] * 5, o["review_recall_at_10"] * 10} <= set(range(11))
 
 
 def _write_case(folder, name, array, labels, spacing=(0.8, 0.8, 2.5), label_name=None):
@@ -266,3 +268,30 @@ def test_labels_that_do_not_overlap_the_image_say_so_and_where_each_lies(tmp_pat
     assert code == 1 and "holds no labelled object" not in err
     assert f"LABEL {path} does not overlap IMAGE {ct_path}" in err
     assert "the image lies at x -195.4..194.6, y -172.1..217.9, z -345.2..-5.3 mm (LPS)" in err and where in err
+
+
+def _rows(confidences, flagged=()):
+    return [{"frame": f, "confidence": c, "flagged": f in flagged} for f, c in enumerate(confidences)]
+
+
+def test_the_review_ranks_flagged_slices_first_then_by_confidence():
+    rows = _rows([0.9, 0.2, 0.8, 0.5], flagged={2})
+    assert ev.review_ranking(rows) == [2, 1, 3, 0]
+
+
+def test_review_recall_counts_the_worst_slices_the_review_found():
+    dices = np.array([1.0, 0.1, 0.9, 0.2, 0.95, 0.3])
+    # worst 2: slices 1 and 3; the review ranks 1 first (lowest confidence) and flags 5
+    rows = _rows([0.9, 0.1, 0.9, 0.8, 0.9, 0.9], flagged={5})
+    assert ev.review_recall(rows, dices, 2) == 0.5
+    assert ev.review_recall(_rows([0.9] * 6, flagged={1, 3}), dices, 2) == 1.0
+    assert ev.review_recall(rows, dices, 10) == 1.0  # k capped at the 6 reviewed slices
+    assert ev.review_recall([], dices, 5) == 1.0
+
+
+def test_slice_dice_is_per_slice():
+    ref = np.zeros((3, 4, 4), bool)
+    ref[1, :2] = True
+    pred = ref.copy()
+    pred[2, 0, 0] = True
+    assert list(ev.slice_dice(pred, ref)) == [1.0, 1.0, 0.0]

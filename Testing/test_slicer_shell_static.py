@@ -26,7 +26,9 @@ QT5 = {
     "QLabel", "QPushButton", "QToolButton", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox",
     "QProgressBar", "QGridLayout", "QVBoxLayout", "QHBoxLayout", "QFormLayout", "QMessageBox",
 }
-QT5_MEMBERS = {"QFileDialog.getOpenFileName", "QLineEdit.Password", "Qt.ToolTipRole", "QTimer.singleShot"}
+# Qt.AlignBottom: Qt::AlignmentFlag (doc.qt.io/qt-5/qt.html#AlignmentFlag-enum), the review strip's cells.
+QT5_MEMBERS = {"QFileDialog.getOpenFileName", "QLineEdit.Password", "Qt.ToolTipRole", "QTimer.singleShot",
+               "Qt.AlignBottom"}
 # CTK widgets in the .ui: ctkCollapsibleButton (CTK Libs/Widgets/ctkCollapsibleButton.h; also used
 # by Slicer's Utilities/Templates/Modules/Scripted/Resources/UI/TemplateKey.ui).
 CTK = {"ctkCollapsibleButton"}
@@ -412,3 +414,17 @@ def test_module_follows_slicers_template_conventions(tree):
     assert "from slicer.i18n import tr as _" in source
     # the token lives in QSettings as plain text: the docs say so
     assert "plain text" in (ROOT / "docs" / "slicer.md").read_text()
+
+
+def test_the_review_strip_is_drawn_from_the_controller_and_redrawn_only_on_change(tree):
+    """The strip and "Next uncertain slice" are thin: cells and navigation come from the
+    controller (review_cells, next_uncertain_slice, show_frame); widgets are rebuilt only when
+    the cells change (on_changed comes every tick while propagating)."""
+    strip = ast.unparse(_function(tree, "_updateReviewStrip"))
+    assert "c.review_cells()" in strip and "if shown == self._stripShown:" in strip
+    assert strip.index("if shown == self._stripShown:") < strip.index("qt.QToolButton()")
+    assert "c.show_frame(frame)" in strip
+    nxt = ast.unparse(_function(tree, "onNextUncertainSlice"))
+    assert "next_uncertain_slice(backwards=backwards)" in nxt and "'No uncertain slices'" in nxt
+    assert "(self.ui.nextUncertainButton, self.onNextUncertainSlice)" in ast.unparse(_function(tree, "setup"))
+    assert "self._updateReviewStrip()" in ast.unparse(_function(tree, "_updateButtons"))

@@ -31,6 +31,7 @@ class Action:
     axis: int
     prompt: Prompt | None = None
     changes: dict = field(default_factory=dict)  # frame -> (old, new) pack() records
+    review: list | None = None  # the engine's review records along `axis` once this action was done
 
     @property
     def frames(self) -> list:

@@ -15,15 +15,19 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import vtk
 
 from medsam2.errors import InputError
 from medsam2.options import AXES, MEMORY_MODES
+from medsam2.tracking.review import FlagRule, flag_rows
 
+from .geometry import slice_view_center, slice_view_normal
 from .jobs import PromptJob, PropagationJob
 from .markers import Marker, PromptMarkers
 from .models import ModelSettings
 from .prompt_nodes import PromptNodes
+from .review import flagged_frames, next_flagged, strip_cells
 from .session import POLL_BUDGET_S, SegmentationSession
 
 log = logging.getLogger("MedSAM2")
@@ -74,6 +78,8 @@ class ModuleController:
         self._markers_of_jobs: dict = {}  # job -> (session, Marker), until the job commits or fails
         self._last_activity = time.monotonic()  # for the idle unload (settings.idle_unload_minutes)
         self._target = (None, None, "")
+        self._view = None  # the slice node review navigation reads and moves (attach_view)
+        self.review_rule = FlagRule()  # which slices review() flags (set_review_rule)
         self._segment_watch: dict = {}  # segmentation node ID -> (node, observer tag)
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
         self._observers.append(scene.AddObserver(scene.NodeAboutToBeRemovedEvent, self._on_node_removed))
@@ -329,10 +335,86 @@ class ModuleController:
             return []
         return [(f"{s['name']}  ({s['image_size']} px)", s["name"], s.get("note") or "") for s in specs]
 
+    # --- review: the slices worth a look (docs/review.md) -------------------------------------
+    def attach_view(self, slice_node) -> None:
+        """The slice view whose slice is "the one on screen" for next_uncertain_slice, and that it
+        and show_frame move (a shell's prompt view); None detaches."""
+        self._view = slice_node
+
+    def set_review_rule(self, min_confidence: float | None = None, max_jump: float | None = None) -> None:
+        """A stricter or looser review (docs/review.md); what is not given stays."""
+        rule = self.review_rule
+        try:
+            self.review_rule = FlagRule(rule.min_confidence if min_confidence is None else float(min_confidence),
+                                        rule.max_jump if max_jump is None else float(max_jump))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"Review: {exc}.") from None
+
+    def review(self) -> list:
+        """The selected segment's review records (one dict per slice: frame, confidence, area,
+        change, source, flagged, reason) along the attached view's axis (without one: the axis
+        last worked on), flagged by `review_rule`. [] before the engine has said anything. Never waits."""
+        session = self.session(create=False)
+        if session is None:
+            return []
+        try:
+            records = session.review(slice_view_normal(self._view) if self._view is not None else None)
+        except InputError:  # an oblique view: it shows no slice of the volume
+            return []
+        return flag_rows([dict(r) for r in records], self.review_rule, ordered=not session.image_set)
+
+    def review_cells(self) -> list:
+        """The review strip: one cell per slice of the attached view's axis (frame, color by
+        confidence, flagged, title); [] without a session or a view on a volume axis."""
+        session = self.session(create=False)
+        if session is None or self._view is None:
+            return []
+        try:
+            num_frames = session.layout(slice_view_normal(self._view)).num_frames
+        except InputError:
+            return []
+        return strip_cells(self.review(), num_frames)
+
+    def next_uncertain_slice(self, after: int | None = None, backwards: bool = False) -> int | None:
+        """The next flagged slice after `after` (default: the attached view's slice), cycling; the
+        previous one with backwards=True. Moves the attached view there. None when none is flagged."""
+        if after is None:
+            after = self._frame_on_screen()
+        frame = next_flagged(flagged_frames(self.review()), after, backwards)
+        if frame is not None:
+            self.show_frame(frame)
+        return frame
+
+    def _frame_on_screen(self) -> int | None:
+        session = self.session(create=False)
+        if session is None or self._view is None:
+            return None
+        try:
+            return session.frame_index(slice_view_center(self._view), slice_view_normal(self._view))
+        except InputError:
+            return None
+
+    def show_frame(self, frame: int) -> bool:
+        """Move the attached view to slice `frame` of its axis (a strip cell clicked); False when
+        there is no view or no session to say where that slice is."""
+        session = self.session(create=False)
+        if session is None or self._view is None:
+            return False
+        geometry = session.geometry
+        try:
+            axis = geometry.axis_for_normal(slice_view_normal(self._view))
+        except InputError:
+            return False
+        ijk = geometry.ras_to_ijk_point(slice_view_center(self._view))
+        ijk[axis] = int(frame)
+        self._view.JumpSliceByOffsetting(*(geometry.ijk_to_ras @ np.append(ijk, 1.0))[:3])
+        return True
+
     # --- state for the shell ------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return any(s.busy for s in self.sessions())
+        """A job runs or waits, or review records are on their way (the shell keeps polling)."""
+        return any(s.busy or s.reviewing for s in self.sessions())
 
     @property
     def can_undo(self) -> bool:
@@ -373,7 +455,7 @@ class ModuleController:
             self._last_activity = time.monotonic()
         changed = False
         for session in self.sessions():
-            if not session.busy:
+            if not (session.busy or session.reviewing):
                 continue
             for job in session.poll(max(0.005, deadline - time.monotonic())):
                 self._finished(session, job)

@@ -76,6 +76,9 @@ class EngineSession(Protocol):
     def masks(self, obj_id: int | None = None) -> Request:
         """value: the engine's masks volume (one object's bool, or the uint16 label volume)."""
 
+    def review(self, obj_id: int | None = None) -> Request:
+        """value: the engine's review records (medsam2 Session.review: one dict per frame and object)."""
+
     def close(self) -> None:
         """Free the session in the engine (returns at once)."""
 

@@ -137,6 +137,9 @@ class InProcessSession:
     def masks(self, obj_id=None) -> Request:
         return self._call("masks", lambda: self.session.masks() if obj_id is None else self.session.mask(obj_id))
 
+    def review(self, obj_id=None) -> Request:
+        return self._call("review", lambda: self.session.review(obj_id))
+
     def close(self) -> None:
         self.alive = False
         session, self.session = self.session, None

@@ -107,6 +107,9 @@ class ChildSession:
     def masks(self, obj_id=None) -> Request:
         return self._request("masks", {"obj_id": obj_id})
 
+    def review(self, obj_id=None) -> Request:
+        return self._request("review", {"obj_id": obj_id})
+
     def close(self) -> None:
         if self.alive:
             self._request("close", {})

@@ -97,7 +97,20 @@ class PromptNodes:
         roi.SetXYZ(*((a + b) / 2))
         roi.SetRadiusXYZ(*np.maximum(np.abs(b - a) / 2, 0.5))
         roi.SetLocked(True)
+        display = roi.GetDisplayNode()  # an outline only: no handles or name that look like prompts
+        display.SetHandlesInteractive(False)
+        display.SetPropertiesLabelVisibility(False)
         return roi
+
+    def point(self, ras, include: bool) -> tuple:
+        """A click's marker where it was placed, for a shell whose clicks are not markups placements
+        (the web page): (node, control point index). Include points are selected (green), exclude
+        points not (red), as a placed point is marked; locked, so no drag moves a prompt."""
+        node = self.node("points")
+        index = node.AddControlPoint(*(float(v) for v in ras))
+        node.SetNthControlPointSelected(index, bool(include))
+        node.SetNthControlPointLocked(index, True)
+        return node, index
 
 
 class PlacementState:

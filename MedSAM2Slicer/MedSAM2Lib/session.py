@@ -86,6 +86,7 @@ class SegmentationSession:
         self._redo: list = []
         self._queue: deque = deque()
         self._running = None
+        self._reviews: list = []  # (engine request, action): review records on their way
         self.notices: list = []   # messages for the user (e.g. the engine was restarted)
         self.closed = False
 
@@ -101,6 +102,11 @@ class SegmentationSession:
     @property
     def busy(self) -> bool:
         return self._running is not None or any(not j.done for j in self._queue)
+
+    @property
+    def reviewing(self) -> bool:
+        """Review records are on their way from the engine (poll() takes them; undo need not wait)."""
+        return bool(self._reviews)
 
     @property
     def current_job(self):
@@ -284,10 +290,43 @@ class SegmentationSession:
             if ended:
                 finished.append(job)
                 self._running = None
+                self._ask_review(job)
                 if time.monotonic() < deadline:
                     continue
             break
+        self._take_reviews()
         return finished
+
+    # --- review records (docs/review.md): fetched after each action, kept with it -------------
+    def _ask_review(self, job) -> None:
+        """After an action, ask its axis's engine session for the review records (in order behind
+        the job's own requests); they are kept with the action, so undo and redo bring them back."""
+        handle = job.state.engine
+        if job.action is not None and job.error is None and handle is not None and handle.alive:
+            self._reviews.append((handle.review(OBJ_ID), job.action))
+
+    def _take_reviews(self) -> None:
+        waiting = []
+        for request, action in self._reviews:
+            if not request.done:
+                waiting.append((request, action))
+            elif request.error is None:
+                action.review = list(request.value)
+        self._reviews = waiting
+
+    def review(self, slice_normal=None) -> list:
+        """The review records (medsam2 Session.review) of the slices this segment shows from the
+        engine along an axis (the view's; default the last one worked on), frames ascending: those
+        of the last action done on that axis, on the frames the actions still done wrote. An undo
+        takes its action's records away, a redo brings them back. Never waits ([] until known)."""
+        axis = self.geometry.axis_for_normal(slice_normal) if slice_normal is not None else self._last_axis
+        done = [a for a in self._undo if a.axis == axis]
+        latest = next((a.review for a in reversed(done) if a.review is not None), None)
+        if not latest:
+            return []
+        # the frames they wrote, and the prompted ones (an edited slice is a prompt that writes nothing)
+        shown = {f for a in done for f in a.changes} | {a.prompt.frame for a in done if a.prompt is not None}
+        return [r for r in latest if r["frame"] in shown]
 
     def _engine_for(self, state: AxisState):
         """The axis's engine session, (re)opened with every prompt replayed when needed."""
@@ -323,6 +362,9 @@ class SegmentationSession:
         finally:
             if not job.done:  # interrupted: leave nothing running behind the caller's back
                 job.cancel()
+        deadline = time.monotonic() + 30.0
+        while self._reviews and time.monotonic() < deadline:  # a script reads review() next
+            self.poll(0.05)
         if job.error is not None:
             raise job.error
         return job.action
@@ -416,6 +458,7 @@ class SegmentationSession:
                 except Exception:  # best effort: the engine may be gone already
                     pass
         self._axes.clear()
+        self._reviews.clear()
         self._undo.clear()
         self._redo.clear()
         self._last_axis = None

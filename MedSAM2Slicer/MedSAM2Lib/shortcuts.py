@@ -3,7 +3,7 @@
 Each row: (key as Qt's QKeySequence writes it, action, argument, what it does). The action names
 are the shells' own verbs for them: "tool" (argument: include | exclude | box | None), "propagate"
 (argument: a direction, or None for the one set on the panel), "refine", "use_edited_slice",
-"undo", "redo". A shell binds every row, and shows the table as its list of keys.
+"next_uncertain_slice" (argument: forward | backward), "undo", "redo". A shell binds every row, and shows the table as its list of keys.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ SHORTCUTS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Shift+D", "propagate", "down", "propagate down"),
     ("Shift+R", "refine", None, "refine from this slice"),
     ("Shift+E", "use_edited_slice", None, "use edited slice"),
+    ("N", "next_uncertain_slice", "forward", "next uncertain slice"),
+    ("Shift+N", "next_uncertain_slice", "backward", "previous uncertain slice"),
     ("Ctrl+Z", "undo", None, "undo"),
     ("Ctrl+Y", "redo", None, "redo"),
     ("Ctrl+Shift+Z", "redo", None, "redo"),

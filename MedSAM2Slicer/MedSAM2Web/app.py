@@ -17,6 +17,7 @@ from medsam2.errors import MedSAM2Error
 from medsam2.masks import pack_mask
 
 from MedSAM2Lib.shortcuts import SHORTCUTS, browser_key
+from medsam2.options import MIN_CONFIDENCE
 
 from . import page, scene, views
 from .segmenter import ModelSettings, Segmenter
@@ -31,6 +32,7 @@ KEYS = {browser_key(key): (action, arg) for key, action, arg, _ in SHORTCUTS}
 FIRST_TOOL = "include"  # active when a volume opens: the first click in a view is a prompt
 NO_TOOL_TEXT = ("No prompt tool is active: choose Include point (I), Exclude point (X) or Box (O), then click "
                 "or drag in the slice view.")
+NO_UNCERTAIN = "No uncertain slices"
 
 
 class WebApp:
@@ -57,6 +59,8 @@ class WebApp:
                 self.tools.attach(view)
                 # after trame-slicer's own observer of the same event has given the view its new size
                 view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
+        red = self.slicer.view_manager.get_view("Red")
+        self.segmenter.review_view = red.get_view_node() if red is not None else None
         self.loaded: scene.LoadedVolume | None = None
         self.segmentation = None
         self.output_path = os.path.abspath(output_path)
@@ -82,7 +86,9 @@ class WebApp:
             "saved": False, "output_path": self.output_path, "output_name": os.path.basename(self.output_path),
             "output_shown": shown_path(self.output_path),
             **{views.slice_label_key(name): "" for name in views.VIEW_NAMES},
+            "review_cells": [], "review_flagged": 0, "review_min_confidence": MIN_CONFIDENCE,
         })
+        s.change("review_min_confidence")(lambda review_min_confidence, **_: self._set_review_rule(review_min_confidence))
         s.change("tool")(lambda tool, **_: self.tools.set_tool(tool or None))
         s.change("layout_name")(lambda layout_name, **_: self._set_layout(layout_name))
 
@@ -93,6 +99,8 @@ class WebApp:
         s.progress_text = progress.text if progress else ""
         s.progress_percent = round(100 * progress.value / progress.maximum) if progress and progress.maximum else 0
         s.can_undo, s.can_redo = seg.can_undo, seg.can_redo
+        s.review_cells = seg.review_strip()
+        s.review_flagged = sum(cell["flagged"] for cell in s.review_cells)
 
     def _refresh_segments(self):
         node = self.segmentation
@@ -277,6 +285,23 @@ class WebApp:
         self.segmenter.cancel()
         self._refresh()
 
+    # --- review: the slices worth a look -------------------------------------------------------
+    def next_uncertain_slice(self, backwards: bool = False) -> None:
+        """Move the Red view to the next (previous) flagged slice, cycling; the status says when none is."""
+        frame = self.segmenter.next_uncertain_slice(bool(backwards))
+        self.show_message(NO_UNCERTAIN if frame is None else "")
+
+    def show_review_slice(self, frame: int) -> None:
+        self.segmenter.show_frame(int(frame))
+
+    def _set_review_rule(self, min_confidence) -> None:
+        try:
+            value = float(min_confidence)
+        except (TypeError, ValueError):
+            return self.show_error(f"Flag below confidence: give a number from 0 to 1; got {min_confidence!r}.")
+        self.segmenter.set_review_rule(value)
+        self._refresh()
+
     def on_key(self, combo: str, view_name: str | None = None) -> None:
         """A key pressed on the page; view_name: the slice view under the mouse, if any."""
         if combo in page.SLICE_KEYS:
@@ -285,6 +310,8 @@ class WebApp:
         action, arg = KEYS.get(combo, (None, None))
         if action == "tool":
             self.state.tool = arg
+        elif action == "next_uncertain_slice":
+            self.next_uncertain_slice(arg == "backward")
         elif action == "propagate":
             self.propagate(arg)
         elif action in ("refine", "use_edited_slice", "undo", "redo"):
@@ -351,6 +378,7 @@ class WebApp:
         out.update({"segment_id": s.segment_id, "tool": s.tool, "busy": self.segmenter.busy,
                     "can_undo": self.segmenter.can_undo, "can_redo": self.segmenter.can_redo,
                     "last_prompt": self.segmenter.last_prompt, "error": s.error, "message": s.message,
+                    "review": self.segmenter.review(),
                     "output": self.output_path, "saved": bool(s.saved), "layout": s.layout_name})
         return out
 

@@ -76,6 +76,7 @@ def build(app) -> VAppLayout:
                 _segments(app)
                 _prompts()
                 _propagation(app)
+                _review(app)
                 _history_and_progress(app)
                 _window_level(app)
                 _save(app)
@@ -165,6 +166,30 @@ def _propagation(app):
         with v3.VBtn(variant="tonal", click=app.refine, disabled=("busy",),
                      raw_attrs=['title="Propagate again from the Red view\'s slice after correcting it (Shift+R)"']):
             html.Span("Refine from this slice")
+
+
+# a strip cell: coloured by confidence (grey: no result); a flagged slice stands taller, capped in white
+CELL_STYLE = ("{flex: '1 1 0', minWidth: '2px', cursor: 'pointer', background: cell.color, "
+              "height: cell.flagged ? '22px' : '12px', borderTop: cell.flagged ? '5px solid #ffffff' : 'none'}")
+
+
+def _review(app):
+    _section("Review")
+    show = app.server.trigger_name(app.show_review_slice)
+    with html.Div(v_if=("review_cells.length",), classes="d-flex align-end",
+                  style="gap: 1px; height: 24px;", raw_attrs=['role="group"', 'aria-label="Review strip"']):
+        html.Div(v_for="cell in review_cells", key="cell.frame",
+                 raw_attrs=[f':style="{CELL_STYLE}"', ':title="cell.title"', 'role="button"',
+                            ':aria-label="`Show slice ${cell.frame}`"', ':data-flagged="cell.flagged"',
+                            f'@click="trigger(\'{show}\', [cell.frame])"'])
+    with html.Div(classes="d-flex align-center ga-2"):
+        with v3.VBtn(variant="tonal", size="small", click=(app.next_uncertain_slice, "[false]"),
+                     raw_attrs=['title="Show the next flagged slice (N; Shift+N: the previous one)"']):
+            v3.VIcon("mdi-alert-circle-outline", start=True)
+            html.Span("Next uncertain slice")
+        html.Span("{{ review_flagged }} flagged", classes="text-caption")
+    v3.VTextField(v_model_number=("review_min_confidence",), type="number", label="Flag below confidence",
+                  density="compact", hide_details=True, raw_attrs=['min="0"', 'max="1"', 'step="0.05"'])
 
 
 def _history_and_progress(app):

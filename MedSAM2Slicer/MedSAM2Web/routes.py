@@ -3,8 +3,9 @@
 - GET  /medsam2/status      what the page shows, as JSON (for scripts and the browser tests; with
                             ?masks=1 also each segment's voxels, bit-packed): volume geometry,
                             segments with voxel counts per slice, each visible slice view's
-                            XY-to-RAS matrix and size, and `last_prompt`, the latest prompt as the
-                            engine received it, in voxel indices (IJK).
+                            XY-to-RAS matrix and size, `last_prompt`, the latest prompt as the
+                            engine received it, in voxel indices (IJK), and `review`, the current
+                            segment's review records (docs/review.md).
 - GET  /medsam2/download    the saved .seg.nrrd, as a download.
 - POST /medsam2/open?name=F the request body is a volume file (NRRD, NIfTI, MHA); it replaces the
                             volume on the page. Bodies beyond the upload limit are refused.

@@ -38,6 +38,10 @@ class Segmenter:
         self.last_prompt = None    # the latest prompt handed to the engine, in voxel indices
         self.prompt_count = 0      # prompts the engine has taken so far (numbers last_prompt)
         self._propagation_asked = None  # monotonic time of the latest propagate/refine, for its report
+        self.review_view = None    # the slice node "Next uncertain slice" reads and moves (the Red view)
+        from medsam2.tracking.review import FlagRule
+
+        self._review_rule = FlagRule()  # kept for the controller of the next scene too
 
     # --- the engine ------------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> None:
@@ -72,6 +76,8 @@ class Segmenter:
         self._controller = ModuleController(scene, on_error=lambda exc: self._on_error(describe_error(exc)[1]),
                                             on_message=self._on_message, on_finished=self._finished)
         self._controller.set_options(memory=self.memory)
+        self._controller.attach_view(self.review_view)
+        self._controller.review_rule = self._review_rule
         self._controller.use_engine(self._engine)
         return self._controller
 
@@ -107,10 +113,17 @@ class Segmenter:
 
     # --- actions (each is bound to the segment selected when it is asked for) ---------------
     def place_point(self, ras, slice_normal, include: bool = True) -> None:
-        self._call("place_point", ras, slice_normal, include)
+        """The prompt, and its marker in the views where it was placed (undo hides it, redo shows it:
+        the controller's PromptMarkers, as in the Slicer module)."""
+        marker = None
+        if self._controller is not None:
+            from MedSAM2Lib.markers import Marker
+
+            marker = Marker.for_point(*self._controller.prompt_nodes.point(ras, include))
+        self._call("place_point", ras, slice_normal, include, marker=marker)
 
     def place_box(self, ras_a, ras_b, slice_normal) -> None:
-        self._call("place_box", ras_a, ras_b, slice_normal, show=False)
+        self._call("place_box", ras_a, ras_b, slice_normal, show=True)
 
     def propagate(self, direction: str = "both", slice_range=None, slice_normal=None) -> None:
         self._propagation_asked = time.monotonic()
@@ -142,6 +155,34 @@ class Segmenter:
         the actions still queued."""
         if self._controller is not None:
             self._controller.cancel()
+
+    # --- review (docs/review.md) -------------------------------------------------------------
+    def review(self) -> list:
+        """The selected segment's review records along the Red view's axis ([] before any)."""
+        return self._controller.review() if self._controller is not None else []
+
+    def review_strip(self) -> list:
+        """One cell per slice of the Red view's axis: frame, color (by confidence), flagged, title."""
+        return self._controller.review_cells() if self._controller is not None else []
+
+    def next_uncertain_slice(self, backwards: bool = False) -> int | None:
+        """Show the next (previous) flagged slice after the one on screen; None when none is flagged."""
+        return self._controller.next_uncertain_slice(backwards=backwards) if self._controller is not None else None
+
+    def show_frame(self, frame: int) -> None:
+        if self._controller is not None:
+            self._controller.show_frame(frame)
+
+    def set_review_rule(self, min_confidence: float) -> None:
+        """Flag slices whose confidence is below this (a stricter or looser review)."""
+        from medsam2.tracking.review import FlagRule
+
+        try:
+            self._review_rule = FlagRule(float(min_confidence), self._review_rule.max_jump)
+        except (TypeError, ValueError) as exc:
+            return self._on_error(f"Review: {exc}.")
+        if self._controller is not None:
+            self._controller.review_rule = self._review_rule
 
     def frame_index(self, ras, slice_normal) -> int | None:
         """The slice number through `ras` along the selected segment's view axis, if known."""

@@ -15,3 +15,6 @@ def image_size_problem(size: int) -> str | None:
     if size % 32 or size < 128:
         return f"must be a multiple of 32 and at least 128; got {size}"
     return None
+
+# the predicted IoU below which the self-sorting bank admits no mask, and the review flags one
+MIN_CONFIDENCE = 0.5

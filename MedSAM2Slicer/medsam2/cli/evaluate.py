@@ -368,15 +368,24 @@ def _write_prediction(path, predictions, volume, overwrite):
 def _print_table(rows):
     import numpy as np
 
+    from ..study.evaluate import REVIEW_KS
+
     width = max([len("case")] + [len(c) for c, _ in rows])
     name_w = max([len("name")] + [len(s.name) for _, s in rows])
-    print(f"{'case':<{width}}  {'label':>5}  {'name':<{name_w}}  {'dice':>6}  {'hd95_mm':>8}  {'interactions':>12}")
+    recall_heads = "".join(f"  {f'recall@{k}':>9}" for k in REVIEW_KS)
+    print(f"{'case':<{width}}  {'label':>5}  {'name':<{name_w}}  {'dice':>6}  {'hd95_mm':>8}  {'interactions':>12}"
+          f"  {'flagged':>7}{recall_heads}")
     for case, s in rows:
         hd = f"{s.hd95_mm:8.2f}" if np.isfinite(s.hd95_mm) else f"{'inf':>8}"
-        print(f"{case:<{width}}  {s.label:>5}  {s.name:<{name_w}}  {s.dice:6.4f}  {hd}  {s.interactions:>12}")
+        recalls = "".join(f"  {s.review_recall[k]:9.2f}" for k in REVIEW_KS)
+        print(f"{case:<{width}}  {s.label:>5}  {s.name:<{name_w}}  {s.dice:6.4f}  {hd}  {s.interactions:>12}"
+              f"  {s.flagged_slices:>7}{recalls}")
     if len(rows) > 1:
         dices = [s.dice for _, s in rows]
         finite = [s.hd95_mm for _, s in rows if np.isfinite(s.hd95_mm)]
         hd = f"{np.mean(finite):8.2f}" if finite else f"{'-':>8}"
         mean_inter = np.mean([s.interactions for _, s in rows])
-        print(f"{'mean':<{width}}  {'':>5}  {'':<{name_w}}  {np.mean(dices):6.4f}  {hd}  {mean_inter:12.1f}")
+        mean_flagged = np.mean([s.flagged_slices for _, s in rows])
+        recalls = "".join(f"  {np.mean([s.review_recall[k] for _, s in rows]):9.2f}" for k in REVIEW_KS)
+        print(f"{'mean':<{width}}  {'':>5}  {'':<{name_w}}  {np.mean(dices):6.4f}  {hd}  {mean_inter:12.1f}"
+              f"  {mean_flagged:7.1f}{recalls}")

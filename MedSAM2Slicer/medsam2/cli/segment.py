@@ -31,7 +31,11 @@ def add_arguments(p):
     p.add_argument("--memory-trace", metavar="FILE.json",
                    help="also write what each tracked slice attended to and what the memory held (JSON records, "
                         "docs/memory-bank.md), and beside it FILE.png: tracked slice x attended slice")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (and the memory trace files) if they exist")
+    p.add_argument("--review", metavar="FILE.csv",
+                   help="also write the per-slice review (one row per slice and object: confidence, object score, "
+                        "area, change, source, flagged; docs/review.md) and list the flagged slices at the end")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT (and the memory trace and review files) if they exist")
 
 
 def run(args):
@@ -41,6 +45,7 @@ def run(args):
     volume_io.check_output_path(args.output, args.overwrite)
     check_model_inputs(args)
     trace_paths = _trace_paths(args.memory_trace, args.overwrite) if args.memory_trace else None
+    review_path = _review_path(args.review, args.overwrite) if args.review else None
     volume = volume_io.read_volume(args.image, series=args.series)
     objects = prompts_io.read_prompts(args.prompts)
     frame_prompts = prompts_io.to_frame_prompts(objects, volume, args.axis)
@@ -67,6 +72,8 @@ def run(args):
 
     if trace_paths is not None:
         _write_trace(session, frames.shape[0], *trace_paths)
+    if review_path is not None:
+        _write_review(session, objects, review_path)
 
     voxel_ml = float(volume.spacing[0] * volume.spacing[1] * volume.spacing[2]) / 1000.0
     print(f"wrote {args.output} ({time.perf_counter() - started:.1f} s propagation)")
@@ -108,6 +115,42 @@ def _write_trace(session, num_frames, trace, picture):
     with atomic_output(picture) as tmp:
         width, height = save_trace_picture(records, num_frames, tmp)
     print(f"wrote {trace} ({len(records)} tracked slice x object records) and {picture} ({width} x {height} px)")
+
+
+def _review_path(path, overwrite):
+    """--review FILE.csv, checked before anything slow."""
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    review = Path(path)
+    if review.suffix.lower() != ".csv":
+        raise InputError(f"--review {path}: give a .csv file name")
+    if review.exists() and not overwrite:
+        raise InputError(f"{review} exists; use --overwrite to replace it")
+    if not review.parent.is_dir():
+        raise InputError(f"--review {path}: folder {review.parent} does not exist")
+    return review
+
+
+def _write_review(session, objects, path):
+    """One row per slice and object (slices along --axis), then the flagged slices on stdout."""
+    import csv
+
+    from ..io.files import atomic_output
+    from ..tracking.review import REVIEW_KEYS, flagged_frames
+
+    rows = session.review()
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=REVIEW_KEYS)
+            writer.writeheader()
+            writer.writerows(rows)
+    print(f"wrote {path} ({len(rows)} slice x object rows)")
+    for obj in objects:
+        flagged = flagged_frames(rows, obj.id)
+        listed = ", ".join(map(str, flagged)) if flagged else "none"
+        print(f"  {obj.id:>3} {obj.name}: {len(flagged)} slice(s) flagged for review: {listed}")
 
 
 def _fusion_steps(shape):

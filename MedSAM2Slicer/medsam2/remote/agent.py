@@ -260,6 +260,10 @@ class Agent:
             count += 1
         return {"frames": count, "cancelled": bool(cancel is not None and cancel.is_set())}
 
+    def op_review(self, header, payload, cancel):
+        obj_id = header.get("obj_id")
+        return self.session(header).review(None if obj_id is None else int(obj_id))
+
     def op_masks(self, header, payload, cancel):
         session = self.session(header)
         obj_id = header.get("obj_id")

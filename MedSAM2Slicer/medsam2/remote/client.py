@@ -320,6 +320,11 @@ class RemoteSession:
             self._mirror.keep(int(obj), frame, enc)
         return {int(obj): self._decode(enc) for obj, enc in data.items()}
 
+    def review(self, obj_id: int | None = None) -> list[dict]:
+        """The session's review records, as a local session's `review()` returns them."""
+        params = {} if obj_id is None else {"obj_id": as_obj_id(obj_id)}
+        return self._call("GET", "/review", "review", params=params).json()["records"]
+
     def propagate(self, direction: str = "both", start: int | None = None, stop=None,
                   cancel: threading.Event | None = None, axes: str | None = None, packed: bool = False):
         """Generator of (frame, {obj_id: bool mask}) as the server finishes frames.

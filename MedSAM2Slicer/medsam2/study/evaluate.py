@@ -24,6 +24,12 @@ The simulated user (what `medsam2 evaluate` does for each object of a reference 
    exclude click inside the wrongly added part; then re-propagate from that slice (one axis:
    outward from it to the next prompted slices; axes="all": the whole fused run again).
    1 interaction each; corrections stop early when the prediction equals the reference.
+
+How well the review finds the slices that failed (per object, after the last correction): the
+review (Session.review) ranks the slices flagged first, then by confidence ascending. Of the k
+slices with the lowest per-slice Dice (k = 5 and 10; ties: the lower slice), recall@k is the
+share the review flagged or ranked in its first k. With random test weights the figure says
+nothing about the rule's quality (docs/review.md).
 """
 
 from __future__ import annotations
@@ -156,6 +162,35 @@ def correction_click(pred, ref, axis=0):
     return dict(frame=frame, points=[[x, y]], labels=[1 if include else 0])
 
 
+# -- how well the review finds the failed slices ---------------------------------------------------
+REVIEW_KS = (5, 10)
+
+
+def slice_dice(pred, ref, axis=0) -> np.ndarray:
+    """Dice of each slice (along `axis`): 1.0 where both are empty."""
+    p, r = _pair(pred, ref)
+    pf, rf = _frames(p, axis), _frames(r, axis)
+    return np.array([dice(p, r) for p, r in zip(pf, rf)])
+
+
+def review_ranking(rows: list[dict]) -> list[int]:
+    """The review's order of one object's slices for a user to look at: flagged first, then by
+    confidence ascending, then by slice."""
+    return [r["frame"] for r in sorted(rows, key=lambda r: (not r["flagged"], r["confidence"], r["frame"]))]
+
+
+def review_recall(rows: list[dict], slice_dices, k: int) -> float:
+    """Of the k reviewed slices with the lowest Dice (ties: the lower slice), the share the review
+    flagged or ranked in its first k. k is capped at the number of reviewed slices (1.0 if none)."""
+    frames = [r["frame"] for r in rows]
+    k = min(int(k), len(frames))
+    if not k:
+        return 1.0
+    worst = sorted(frames, key=lambda f: (float(slice_dices[f]), f))[:k]
+    found = {r["frame"] for r in rows if r["flagged"]} | set(review_ranking(rows)[:k])
+    return sum(f in found for f in worst) / k
+
+
 @dataclass
 class ObjectScore:
     label: int
@@ -166,12 +201,15 @@ class ObjectScore:
     reference_voxels: int
     predicted_voxels: int
     prompts: list = field(default_factory=list)  # the add_prompt calls made, in order
+    flagged_slices: int = 0  # slices the review flagged (Session.review)
+    review_recall: dict = field(default_factory=dict)  # k -> recall@k of the review (review_recall)
 
     def as_dict(self) -> dict:
         return {"label": self.label, "name": self.name, "dice": self.dice,
                 "hd95_mm": self.hd95_mm if np.isfinite(self.hd95_mm) else None,
                 "interactions": self.interactions, "reference_voxels": self.reference_voxels,
-                "predicted_voxels": self.predicted_voxels}
+                "predicted_voxels": self.predicted_voxels, "flagged_slices": self.flagged_slices,
+                **{f"review_recall_at_{k}": v for k, v in self.review_recall.items()}}
 
 
 def prompt_interactions(prompt: dict) -> int:
@@ -214,10 +252,14 @@ def evaluate_object(model, volume, ref, label=1, name="", spacing=None, memory="
         else:
             _run(session.propagate("both", start=click["frame"]))
         pred = session.mask(1)
+    rows = session.review(1)
     session.close()
+    dices = slice_dice(pred, ref)
     score = ObjectScore(label=int(label), name=str(name), dice=dice(pred, ref), hd95_mm=hd95(pred, ref, spacing),
                         interactions=sum(prompt_interactions(p) for p in made),
-                        reference_voxels=int(ref.sum()), predicted_voxels=int(pred.sum()), prompts=made)
+                        reference_voxels=int(ref.sum()), predicted_voxels=int(pred.sum()), prompts=made,
+                        flagged_slices=sum(r["flagged"] for r in rows),
+                        review_recall={k: review_recall(rows, dices, k) for k in REVIEW_KS})
     return score, pred
 
 

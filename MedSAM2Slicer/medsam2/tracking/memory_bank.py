@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InputError
-from ..options import MEMORY_MODES
+from ..options import MEMORY_MODES, MIN_CONFIDENCE
 
 READ_MODES = ("topk", "softmax")
 
@@ -65,7 +65,7 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BankParams:
     capacity: int = 16
-    min_confidence: float = 0.5
+    min_confidence: float = MIN_CONFIDENCE
     replace_margin: float = 0.1
     read: str = "topk"
     temperature: float = 1.0

@@ -54,6 +54,14 @@ class FrameTracking:
     admission: str | None  # the bank's decision (None in sam2 mode)
 
 
+@dataclass(frozen=True)
+class DecoderVerdict:
+    """What the mask decoder said about the mask it chose on one frame (batch of one object)."""
+
+    confidence: float  # the chosen mask's predicted IoU; 0 where the object score says absent
+    object_score: float  # the object-score logit (> 0: the object is present)
+
+
 class _ReadLog:
     """Which stored outputs SAM2's own memory selection touched, by the keys it read from them."""
 
@@ -121,6 +129,7 @@ class MedSAM2Predictor(SAM2VideoPredictor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_tracking: FrameTracking | None = None  # set by each tracked frame (under the model's lock)
+        self.last_verdict: DecoderVerdict | None = None  # set by every decoded frame: prompted or tracked
         self._last_read = self._descriptor = None
         self.memory_attention.register_forward_pre_hook(_memory_in_input_dtype, with_kwargs=True)
 
@@ -161,6 +170,7 @@ class MedSAM2Predictor(SAM2VideoPredictor):
         ious, object_score_logits = sam_outputs[2], sam_outputs[6]
         # the chosen mask is the best-scoring one (multimask) or the only one: its IoU is the max
         iou = ious.max(dim=-1).values
+        self._last_object_score = object_score_logits[:, 0]
         self._last_present = object_score_logits[:, 0] > 0
         self._last_confidence = torch.where(self._last_present, iou, torch.zeros_like(iou))
         return current_out, sam_outputs, high_res_features, pix_feat
@@ -169,10 +179,11 @@ class MedSAM2Predictor(SAM2VideoPredictor):
                                     is_init_cond_frame, point_inputs, mask_inputs, reverse,
                                     run_mem_encoder, prev_sam_mask_logits=None):
         """The official step; for a tracked frame, also `self.last_tracking` (and the bank's admission)."""
-        self.last_tracking = self._last_read = self._descriptor = None
+        self.last_tracking = self.last_verdict = self._last_read = self._descriptor = None
         compact_out, pred_masks = super()._run_single_frame_inference(
             inference_state, output_dict, frame_idx, batch_size, is_init_cond_frame, point_inputs,
             mask_inputs, reverse, run_mem_encoder, prev_sam_mask_logits)
+        self.last_verdict = DecoderVerdict(float(self._last_confidence[0]), float(self._last_object_score[0]))
         tracked = run_mem_encoder and point_inputs is None and mask_inputs is None and not is_init_cond_frame
         if not tracked:
             return compact_out, pred_masks

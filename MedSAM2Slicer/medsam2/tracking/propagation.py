@@ -21,6 +21,7 @@ import torch
 from .features import release_free_memory
 from .mask_store import MaskStore
 from .memory_trace import MemoryTrace, trace_record
+from .review import SliceRecord
 from .tracking_state import TrackingState
 
 TRIM_EVERY = 8  # frames between returns of freed heap memory to the OS (a trim costs ~1 ms)
@@ -58,13 +59,15 @@ def plan_passes(direction: str, start: int, conditioning: list[int], num_frames:
     return passes
 
 
-def keep_logits(results: MaskStore, frame: int, obj_ids, video_res_logits) -> dict:
-    """Threshold (obj, 1, rows, cols) logits at 0, store each object's mask, return {obj_id: mask}."""
+def keep_logits(results: MaskStore, frame: int, obj_ids, video_res_logits, records=None) -> dict:
+    """Threshold (obj, 1, rows, cols) logits at 0, store each object's mask (with its decoder record
+    from `records`, {obj_id: SliceRecord}, where the decoder ran for it), return {obj_id: mask}."""
     masks = (video_res_logits[:, 0] > 0.0).cpu().numpy()
+    records = records or {}
     out = {}
     for i, obj_id in enumerate(obj_ids):
         out[obj_id] = masks[i]
-        results.put(obj_id, frame, masks[i])
+        results.put(obj_id, frame, masks[i], records.get(obj_id))
     return out
 
 
@@ -75,11 +78,13 @@ class Propagator:
         self.model, self.tracking, self.results, self.trace = model, tracking, results, trace
         self._predictor = model.predictor
 
-    def run(self, passes: list[Pass], cancel: threading.Event | None, probabilities: bool):
+    def run(self, passes: list[Pass], cancel: threading.Event | None, probabilities: bool,
+            source: str = "propagated"):
+        """`source`: what the tracked frames' records say ("propagated", or "refined" after a correction)."""
         held = None  # the start frame of a "both" call, until the backward pass redoes it
         for p in passes:
             done = 0
-            for frame, item in self._run_pass(p, cancel, probabilities):
+            for frame, item in self._run_pass(p, cancel, probabilities, source):
                 done += 1
                 if frame == p.first and not p.yields_first:
                     held = item
@@ -92,7 +97,7 @@ class Propagator:
                     yield held
                 return
 
-    def _run_pass(self, p: Pass, cancel, probabilities):
+    def _run_pass(self, p: Pass, cancel, probabilities, source):
         order = p.frames
         if not order:
             return
@@ -113,19 +118,19 @@ class Propagator:
                 if position % TRIM_EVERY == TRIM_EVERY - 1:
                     release_free_memory()
                 with self.model.lock, torch.inference_mode(), self.model.autocast():
-                    item = self._track_frame(frame, p.reverse, probabilities)
+                    item = self._track_frame(frame, p.reverse, probabilities, source)
                 yield frame, item
         finally:
             if prefetcher is not None:
                 prefetcher.stop()
                 state.pop("prefetcher", None)
 
-    def _track_frame(self, frame, reverse, probabilities):
+    def _track_frame(self, frame, reverse, probabilities, source):
         """All objects on one frame (conditioning frames reuse their prompt result)."""
         state, predictor = self.tracking.inference_state, self._predictor
         self.tracking.use_frame(frame)
         obj_ids = list(state["obj_ids"])
-        per_obj = []
+        per_obj, records = [], {}
         for obj_idx, obj_id in enumerate(obj_ids):
             out_dict = self.tracking.outputs(obj_idx)
             cond_out = out_dict["cond_frame_outputs"].get(frame)
@@ -138,10 +143,12 @@ class Propagator:
                     run_mem_encoder=True)
                 out_dict["non_cond_frame_outputs"][frame] = out
                 self._trace(obj_id, obj_idx, frame, reverse)
+                verdict = predictor.last_verdict
+                records[obj_id] = SliceRecord(verdict.confidence, verdict.object_score, source)
             state["frames_tracked_per_obj"][obj_idx][frame] = {"reverse": reverse}
             per_obj.append(logits)
         _, video_res = predictor._get_orig_video_res_output(state, torch.cat(per_obj, dim=0))
-        masks = keep_logits(self.results, frame, obj_ids, video_res)
+        masks = keep_logits(self.results, frame, obj_ids, video_res, records)
         if not probabilities:
             return frame, masks
         probs = torch.sigmoid(video_res[:, 0].float()).cpu().numpy()

@@ -25,6 +25,7 @@ from .memory_trace import MemoryTrace
 from .prompts import PromptBook, check_box, check_direction, check_frame, check_mask, check_obj_id, check_points, \
     check_stop
 from .propagation import Propagator, keep_logits, plan_passes
+from .review import FlagRule, SliceRecord, review_rows
 from .tracking_state import TrackingState
 
 
@@ -124,7 +125,7 @@ class Session:
             self._tracking.use_frame(frame)
             first_here = not self._book.has_before(obj_id, frame)
             before = self._tracking.leave_for_prompt(obj_id, frame) if first_here else None
-            shown = self._results.packed(obj_id, frame)
+            shown = self._results.kept(obj_id, frame)
             try:
                 if mask is not None:
                     starts_afresh = True
@@ -140,7 +141,9 @@ class Session:
                 raise
             if before is not None:
                 self._book.keep_before(obj_id, frame, (before, shown))
-            masks = keep_logits(self._results, frame, obj_ids, logits)
+            verdict = self._predictor.last_verdict
+            masks = keep_logits(self._results, frame, obj_ids, logits,
+                                {obj_id: SliceRecord(verdict.confidence, verdict.object_score, "prompt")})
         self._book.add(prompt, starts_afresh)
         return PackedMask.of(masks[obj_id]) if packed else masks[obj_id]
 
@@ -200,7 +203,8 @@ class Session:
         start = check_frame(start, self.num_frames) if refine else cond[0]
         low, high = check_stop(direction, start, stop, self.num_frames)
         passes = plan_passes(direction, start, cond, self.num_frames, low, high, refine)
-        return self._propagator.run(passes, cancel, probabilities)  # validated before the first frame is asked for
+        # validated before the first frame is asked for
+        return self._propagator.run(passes, cancel, probabilities, "refined" if refine else "propagated")
 
     # -- results ----------------------------------------------------------------------------
     def mask(self, obj_id) -> np.ndarray:
@@ -225,6 +229,18 @@ class Session:
         """Every object's current mask on one frame."""
         frame = check_frame(frame, self.num_frames)
         return {o: self._results.get(o, frame) for o in self.obj_ids}
+
+    def review(self, obj_id=None, rule: FlagRule | None = None) -> list[dict]:
+        """Per (frame, object) with a result, frames ascending: what the decoder said and whether
+        the slice is worth a look. Keys: frame, obj_id, confidence (the chosen mask's predicted
+        IoU, 0.0 where the object score says absent), object_score (logit), area (pixels of the
+        kept mask), change (|area - previous slice's| / max of the two, 1), source ("prompt",
+        "propagated", "refined"), flagged and reason (the rule: review.py, docs/review.md)."""
+        obj_ids = self.obj_ids if obj_id is None else [obj_id]
+        for o in obj_ids:
+            self._tracking.known(o)
+        return review_rows(obj_ids, self._results.records, self._results.area,
+                           ordered=not getattr(self, "is_image_set", False), rule=rule)
 
     def replace_masks(self, obj_id, volume: np.ndarray) -> None:
         """Make `volume` (bool, (slices, rows, cols)) the object's result on every frame, as

@@ -65,6 +65,26 @@ class PropagateRequest(BaseModel):
                           'then every fused frame)')
 
 
+class ReviewRecord(BaseModel):
+    """One (frame, object) of Session.review (the flag rule: docs/review.md)."""
+
+    frame: int
+    obj_id: int
+    confidence: float = Field(..., description="the chosen mask's predicted IoU; 0.0 where the object score says "
+                                               "absent")
+    object_score: float = Field(..., description="the object-score logit (> 0: present)")
+    area: int = Field(..., description="pixels of the kept mask on this frame")
+    change: float = Field(..., description="|area - previous slice's area| / max(the two, 1)")
+    source: Literal["prompt", "propagated", "refined"]
+    flagged: bool
+    reason: str = Field(..., description='why it is flagged: "low-confidence", "area-jump", "vanished", '
+                                         'comma-separated; empty when not flagged')
+
+
+class Review(BaseModel):
+    records: List[ReviewRecord] = Field(..., description="one per (frame, object) with a result, frames ascending")
+
+
 class ObjIds(BaseModel):
     obj_ids: List[int]
 

@@ -21,7 +21,7 @@ from ...prompt import Prompt
 from .. import wire
 from .errors import ApiError, ServerErrorRoute, engine_errors
 from .limits import Limits
-from .schemas import ApiErrorBody, ObjIds, OpenRequest, PromptRequest, PromptResponse, SessionInfo
+from .schemas import ApiErrorBody, ObjIds, OpenRequest, PromptRequest, PromptResponse, Review, SessionInfo
 from .state import OpenSession, ServerState, close_engine, state_of
 from .volume_routes import check_digest
 
@@ -158,3 +158,11 @@ def frame_masks(sid: str, frame: int, state: ServerState = Depends(state_of)):
             sess.sent[int(obj)][frame] = digest
             out[str(obj)] = wire.encode_mask(mask, packed)
         return {"frame": frame, "masks": out}
+
+
+@router.get("/sessions/{sid}/review", tags=["masks"], response_model=Review,
+            summary="per (frame, object) with a result: the decoder's confidence and object score, the mask's area "
+                    "and change, its source, and whether the slice is flagged for review")
+def review(sid: str, obj_id: Optional[int] = Query(None, le=wire.MAX_OBJ_ID), state: ServerState = Depends(state_of)):
+    with state.session(sid) as sess:
+        return {"records": state.engine_call(sess, sess.engine.review, obj_id)}
