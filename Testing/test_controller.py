@@ -112,7 +112,7 @@ def test_an_idle_model_is_unloaded_after_the_settings_idle_time(random_checkpoin
     from dataclasses import replace
 
     shell = Shell()
-    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume[10:14])
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume, first=10, count=4)
     controller = _controller(scene, shell)
     controller.set_settings(_settings(random_checkpoint))
     try:
