@@ -112,8 +112,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownSegments = None   # (id, name) pairs in the segment list now
         self._updatingSegments = False
         self._lastTickError = None
-        self._stripCells = []        # the review strip's cell buttons, and what they show
-        self._stripShown = None
+        self._reviewStrip = None     # MedSAM2Qt.review_strip.ReviewStrip, made in setup()
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # --- setup ----------------------------------------------------------------------------
@@ -123,6 +122,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        from MedSAM2Qt.review_strip import ReviewStrip
+
+        self._reviewStrip = ReviewStrip(self.ui.reviewStripWidget.layout())
         # the timer runs while the module is entered or the engine is busy (enter() and _onChanged start it)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -359,34 +361,12 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         unloaded = self.logic.controller.unload_model()
         self._showMessage(_("Model unloaded; its memory is free.") if unloaded else _("No model is loaded."))
 
-    # --- dependencies ---------------------------------------------------------------------
+    # --- dependencies (MedSAM2Qt.dependencies shows the dialogs) ----------------------------
     def ensureDependencies(self, force_dialog=False):
         """Install what is missing (asking first). Returns True when the engine can run now."""
-        from MedSAM2Lib.install_flow import InstallUI, ensure_installed
+        from MedSAM2Qt.dependencies import ensure_dependencies
 
-        def offer_restart(text):
-            if slicer.util.confirmYesNoDisplay(text + "\n\n" + _("Restart now?")):
-                slicer.util.restart()
-
-        ui = InstallUI(confirm=lambda text, title: slicer.util.confirmOkCancelDisplay(text, title),
-                       inform=slicer.util.infoDisplay,
-                       error=lambda text, title: slicer.util.errorDisplay(text, windowTitle=title),
-                       offer_restart=offer_restart, status=lambda text: slicer.util.showStatusMessage(text, 5000),
-                       pip_install=slicer.util.pip_install, install_torch=self._installTorch)
-        mode = "remote" if self.ui.serverUrlLineEdit.text.strip() else "local"
-        return ensure_installed(mode, ui, force_dialog)
-
-    def _installTorch(self):
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError(_("MedSAM2 installs PyTorch through the PyTorch extension, which is missing. Install "
-                                 "'PyTorch' from the Extensions Manager, restart Slicer, then try again."))
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=f">={install.TORCH_MINIMUM}")
-        if torch is None:
-            raise RuntimeError(_("PyTorch was not installed. Open the 'PyTorch Utils' module to install it, then "
-                                 "try again."))
+        return ensure_dependencies("remote" if self.ui.serverUrlLineEdit.text.strip() else "local", force_dialog)
 
     # --- prompt placement (MedSAM2Lib.prompt_tools turns clicks into prompts) --------------
     def _setTool(self, tool):
@@ -454,27 +434,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showMessage("No uncertain slices")
 
     def _updateReviewStrip(self):
-        """Redraw the strip when what it shows changed (on_changed comes every tick while busy)."""
         c = self.logic.controller
         c.attach_view(self._currentSliceNode())
-        cells = c.review_cells()
-        shown = [(cell["color"], cell["flagged"], cell["title"]) for cell in cells]
-        if shown == self._stripShown:
-            return
-        self._stripShown = shown
-        for button in self._stripCells:
-            button.setParent(None)
-        self._stripCells = []
-        layout = self.ui.reviewStripWidget.layout()
-        for cell in cells:
-            button = qt.QToolButton()
-            cap = "5px solid white" if cell["flagged"] else "none"
-            button.setStyleSheet(f"background: {cell['color']}; border: none; border-top: {cap};")
-            button.setFixedHeight(22 if cell["flagged"] else 12)
-            button.toolTip = cell["title"]
-            button.connect("clicked()", lambda frame=cell["frame"]: c.show_frame(frame))
-            layout.addWidget(button, 0, qt.Qt.AlignBottom)
-            self._stripCells.append(button)
+        self._reviewStrip.show(c.review_cells(), c.show_frame)
 
     def onRangeFromView(self):
         sliceNode = self._currentSliceNode()

@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "MedSAM2Slicer" / "MedSAM2.py"
+# the Qt shell: the module file and its Qt pieces (install dialogs, review strip), checked as one
+QT_SHELL = [MODULE, *sorted((ROOT / "MedSAM2Slicer" / "MedSAM2Qt").glob("*.py"))]
 UI = ROOT / "MedSAM2Slicer" / "Resources" / "UI" / "MedSAM2.ui"
 
 # Qt 5 classes (and enum members) the module uses, as PythonQt exposes them in Slicer's `qt`.
@@ -66,7 +68,11 @@ MRML_CLASSES = ("vtkMRMLScene", "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROI
 
 @pytest.fixture(scope="module")
 def tree():
-    return ast.parse(MODULE.read_text(), str(MODULE))
+    """The Qt shell's files as one module (the module file's classes and imports come first)."""
+    module = ast.parse(MODULE.read_text(), str(MODULE))
+    for path in QT_SHELL[1:]:
+        module.body += ast.parse(path.read_text(), str(path)).body
+    return module
 
 
 def _chains(tree, root):
@@ -91,7 +97,8 @@ def _slicer_util_source():
 
 
 def test_module_compiles_and_loads_without_the_engine_heavy_parts(tree):
-    py_compile.compile(str(MODULE), doraise=True)
+    for path in QT_SHELL:
+        py_compile.compile(str(path), doraise=True)
     top_imports = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top_imports |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
     assert not top_imports & {"torch", "sam2", "numpy", "medsam2"}, \
@@ -270,6 +277,7 @@ def test_packaging_covers_every_module_file_and_declares_pytorch():
     cmake = (ROOT / "MedSAM2Slicer" / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in cmake and "WITH_GENERIC_TESTS" in cmake
     assert "MedSAM2Lib/*.py" in cmake and "medsam2/*.py" in cmake  # every engine and adapter file
+    assert "MedSAM2Qt/*.py" in cmake  # the Qt shell's pieces
     for resource in re.findall(r"(Resources/[\w/${}.]+)", cmake):
         path = ROOT / "MedSAM2Slicer" / resource.replace("${MODULE_NAME}", "MedSAM2")
         assert path.is_file(), f"{path} listed in CMakeLists.txt is missing"
@@ -420,10 +428,12 @@ def test_the_review_strip_is_drawn_from_the_controller_and_redrawn_only_on_chang
     """The strip and "Next uncertain slice" are thin: cells and navigation come from the
     controller (review_cells, next_uncertain_slice, show_frame); widgets are rebuilt only when
     the cells change (on_changed comes every tick while propagating)."""
-    strip = ast.unparse(_function(tree, "_updateReviewStrip"))
-    assert "c.review_cells()" in strip and "if shown == self._stripShown:" in strip
-    assert strip.index("if shown == self._stripShown:") < strip.index("qt.QToolButton()")
-    assert "c.show_frame(frame)" in strip
+    update = ast.unparse(_function(tree, "_updateReviewStrip"))
+    assert "self._reviewStrip.show(c.review_cells(), c.show_frame)" in update
+    strip = ast.unparse(_function(tree, "show"))  # MedSAM2Qt/review_strip.py
+    assert "if shown == self._shown:" in strip
+    assert strip.index("if shown == self._shown:") < strip.index("qt.QToolButton()")
+    assert "on_click(frame)" in strip
     nxt = ast.unparse(_function(tree, "onNextUncertainSlice"))
     assert "next_uncertain_slice(backwards=backwards)" in nxt and "'No uncertain slices'" in nxt
     assert "(self.ui.nextUncertainButton, self.onNextUncertainSlice)" in ast.unparse(_function(tree, "setup"))
