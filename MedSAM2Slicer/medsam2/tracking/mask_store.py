@@ -17,6 +17,9 @@ class MaskStore:
         self._shape_of = shape_of  # (rows, cols) of a frame: one shape for a volume, one per image for a set
         self._packed: dict[int, dict[int, np.ndarray]] = {}  # obj_id -> frame -> packed bits
 
+    def shape_of(self, frame: int) -> tuple[int, int]:
+        return self._shape_of(frame)
+
     def put(self, obj_id: int, frame: int, mask: np.ndarray) -> None:
         self._packed.setdefault(obj_id, {})[frame] = pack_mask(mask)
 
