@@ -88,6 +88,13 @@ class PropagationReport:
         return {"start": self.start, "refine": self.refine, "until": self.until, "refined": self.refined,
                 "summary": self.summary(), "directions": [d.as_dict() for d in self.directions]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "PropagationReport":
+        """The report as_dict() wrote (a remote session gets it on the stream's end line)."""
+        directions = [DirectionReport(d["direction"], int(d["start"]), [int(f) for f in d["frames"]], d["reason"])
+                      for d in data["directions"]]
+        return cls(int(data["start"]), bool(data["refine"]), data["until"], directions)
+
 
 class AgreementRule:
     """Counts consecutive re-tracked slices whose new masks agree with the ones they replace."""

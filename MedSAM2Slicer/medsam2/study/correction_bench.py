@@ -1,0 +1,165 @@
+"""Benchmark of the correction loop (issue 22): what a click costs after propagation, prepared or
+not, and what a correction's refine costs against the first pass, stopping at agreement or not.
+
+`medsam2 bench --correction-loop` prints both tables. Latencies are medians of repeated clicks
+(the machine may be shared). The agreement sweep predicts, from one until="conditioning" refine,
+where each (K, tau) would stop: the re-tracked slices of a forward pass are the same in both modes
+with memory="sam2" (a frame reads only slices behind it), so the prediction is exact there.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from ..tracking.refine import AGREEMENT_IOU, AGREEMENT_SLICES, mask_iou
+from .bench import CLICK, chest_volume
+
+SWEEP_SLICES = (1, 2, 3, 5, 8)
+SWEEP_IOU = (0.95, 0.98, 0.99)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def click_latency(model, slices: int = 24, repeats: int = 5, memory: str = "sam2") -> list[dict]:
+    """Median click latency on the engine: before propagation, then after it on the prompted slice
+    and on a propagated one, each prepared (Session.prepare first, untimed) or not."""
+    volume = chest_volume(slices)
+    mid, other = slices // 2, slices // 2 + slices // 4
+    s = model.open(volume, memory=memory)
+    s.add_prompt(mid, points=[CLICK], labels=[1])
+    near = [(CLICK[0] + 1 + i % 3, CLICK[1]) for i in range(repeats)]  # points that add up on the slice
+    rows = [("before propagation", "prompted", False,
+             [_timed(lambda p=p: s.add_prompt(mid, points=[p], labels=[1])) for p in near])]
+    list(s.propagate("both"))
+
+    def prompted(prepare: bool) -> list[float]:
+        times = []
+        for p in near:
+            s._tracking.memory_changed()  # measure from scratch: drop what an earlier click prepared
+            if prepare:
+                s.prepare(mid)
+            times.append(_timed(lambda p=p: s.add_prompt(mid, points=[p], labels=[1])))
+        return times
+
+    def propagated(prepare: bool) -> list[float]:
+        times = []
+        for _ in range(repeats):
+            if prepare:
+                s.prepare(other)
+            times.append(_timed(lambda: s.add_prompt(other, points=[(60.0, 40.0)], labels=[0])))
+            s.clear_prompts(other, 1)  # undo: the slice is a propagated one again (and unprepared)
+        return times
+
+    prepare_s = []
+    for _ in range(repeats):
+        s._tracking.memory_changed()
+        prepare_s.append(_timed(lambda: s.prepare(other)))
+    rows += [("after propagation", "prompted", False, prompted(False)),
+             ("after propagation", "prompted", True, prompted(True)),
+             ("after propagation", "propagated", False, propagated(False)),
+             ("after propagation", "propagated", True, propagated(True))]
+    out = [{"when": w, "slice": k, "prepared": p, "median_ms": 1000 * statistics.median(t),
+            "min_ms": 1000 * min(t), "repeats": len(t)} for w, k, p, t in rows]
+    out.append({"when": "Session.prepare itself", "slice": "propagated", "prepared": None,
+                "median_ms": 1000 * statistics.median(prepare_s), "min_ms": 1000 * min(prepare_s),
+                "repeats": repeats})
+    return out
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(a & b) / total
+
+
+def correction_cost(model, slices: int = 200, offset: int = 15, memory: str = "sam2") -> dict:
+    """First pass, then a correction `offset` slices above the prompt (at most a quarter of the
+    volume above it) refined two ways (two sessions
+    on the same frames, the second reusing the first's image features): time, slices re-tracked,
+    Dice between the results; and the agreement sweep."""
+    volume = chest_volume(slices)
+    mid = slices // 2
+    fix = mid + min(offset, slices // 4)
+    results = {}
+    for until in ("conditioning", "agreement"):
+        s = model.open(volume, memory=memory)
+        s.add_prompt(mid, points=[CLICK], labels=[1])
+        first_s = _timed(lambda: list(s.propagate("both")))
+        before = s.mask(1)
+        t0 = time.perf_counter()
+        s.add_prompt(fix, points=[(88.0, 64.0)], labels=[1])
+        list(s.propagate("both", start=fix, until=until))
+        refine_s = time.perf_counter() - t0
+        report = s.last_propagation
+        results[until] = {"first_pass_s": first_s, "refine_s": refine_s, "retracked": report.refined,
+                          "reasons": [d.reason for d in report.directions], "before": before, "after": s.mask(1),
+                          "summary": report.summary()}
+    cond, agree = results["conditioning"], results["agreement"]
+    first = cond["first_pass_s"]  # the cold pass (the second session reused cached image features)
+    rows = [{"until": u, "first_pass_s": first, "refine_s": r["refine_s"], "retracked": r["retracked"],
+             "of_first_pass": r["refine_s"] / first, "reasons": "/".join(r["reasons"]),
+             "dice_vs_conditioning": _dice(r["after"], cond["after"]), "summary": r["summary"]}
+            for u, r in (("conditioning", cond), ("agreement", agree))]
+    return {"slices": slices, "image_size": model.image_size, "memory": memory, "correction_at": fix,
+            "prompt_at": mid, "rows": rows, "sweep": agreement_sweep(cond["before"], cond["after"], fix)}
+
+
+def agreement_sweep(before: np.ndarray, after: np.ndarray, fix: int) -> list[dict]:
+    """For each (K, tau): where the forward pass of a refine from `fix` would stop, the slices it would
+    re-track, and the Dice of that result against the full refine (`after`)."""
+    n = len(before)
+    ious = [mask_iou(before[f], after[f]) for f in range(n)]
+    out = []
+    for k in SWEEP_SLICES:
+        for tau in SWEEP_IOU:
+            run, stop = 0, n - 1
+            for f in range(fix + 1, n):
+                run = run + 1 if ious[f] >= tau else 0
+                if run >= k:
+                    stop = f
+                    break
+            predicted = np.concatenate([after[:stop + 1], before[stop + 1:]])
+            out.append({"K": k, "tau": tau, "forward_retracked": stop - fix,
+                        "forward_full": n - 1 - fix, "dice_vs_conditioning": _dice(predicted, after),
+                        "chosen": k == AGREEMENT_SLICES and tau == AGREEMENT_IOU})
+    return out
+
+
+def _fraction(x: float) -> str:
+    return f"1/{1 / x:.0f}" if 0 < x < 0.5 else f"{x:.2f}x"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def format_click_table(rows: list[dict], image_size: int) -> str:
+    base = next(r["median_ms"] for r in rows if r["when"] == "before propagation")
+    body = [[r["when"], r["slice"], "-" if r["prepared"] is None else ("yes" if r["prepared"] else "no"),
+             f"{r['median_ms']:.0f}", f"{r['min_ms']:.0f}", f"{r['median_ms'] / base:.1f}x"] for r in rows]
+    return (f"Click latency on the engine at {image_size} px (median of {rows[0]['repeats']})\n"
+            + _table(["click", "slice", "prepared", "median ms", "min ms", "vs before"], body))
+
+
+def format_correction_table(result: dict) -> str:
+    body = [[r["until"], f"{r['first_pass_s']:.1f}", f"{r['refine_s']:.1f}", str(r["retracked"]),
+             _fraction(r["of_first_pass"]), r["reasons"], f"{r['dice_vs_conditioning']:.4f}"]
+            for r in result["rows"]]
+    sweep = [[str(r["K"]), f"{r['tau']:.2f}", f"{r['forward_retracked']}/{r['forward_full']}",
+              f"{r['dice_vs_conditioning']:.4f}", "<-" if r["chosen"] else ""] for r in result["sweep"]]
+    return "\n".join([
+        f"Correction on {result['slices']} slices at {result['image_size']} px ({result['memory']} memory; prompt "
+        f"at {result['prompt_at']}, correction at {result['correction_at']})",
+        _table(["until", "first pass s", "refine s", "re-tracked", "of first pass", "stopped (fwd/bwd)",
+                "Dice vs conditioning"], body),
+        "",
+        "Agreement sweep (forward pass, predicted from the until='conditioning' refine)",
+        _table(["K", "tau", "re-tracked", "Dice vs conditioning", "chosen"], sweep)])
