@@ -10,7 +10,6 @@ timer only picks up what the engine has finished.
 import logging
 import os
 import sys
-import unittest
 from typing import Annotated
 
 import qt
@@ -107,22 +106,24 @@ class MedSAM2ParameterNode:
     limitRange: bool = False
     rangeFirst: Annotated[int, WithinRange(0, 100000)] = 0
     rangeLast: Annotated[int, WithinRange(0, 100000)] = 0
+    idleUnloadMinutes: float = 30.0
 
 
 class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # Attributes first: without a parent, ScriptedLoadableModuleWidget.__init__ calls setup()
+        # itself. Its super().__init__() initialises VTKObservationMixin (next in the MRO) before
+        # that; calling VTKObservationMixin.__init__ afterwards would forget setup's observers.
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._shortcuts = []
-        self._tool = None            # "include" | "exclude" | "box" | None
-        self._boxCorner = None       # RAS of the first box corner
-        self._lastSliceNode = None
-        self._placement = None
+        self._tools = None           # PromptTools: include / exclude / box
         self._observedSegmentation = None
+        self._shownSegments = None   # (id, name) pairs in the segment list now
         self._updatingSegments = False
+        self._lastTickError = None
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self):
@@ -131,16 +132,16 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MedSAM2Logic(on_error=self._showErrorLater, on_message=self._showMessage,
-                                  on_changed=self._updateButtons)
-        from MedSAM2Lib.prompt_nodes import PlacementState
-
-        appLogic = slicer.app.applicationLogic()
-        self._placement = PlacementState(appLogic.GetInteractionNode(), appLogic.GetSelectionNode())
+        # the timer runs while the module is entered or the engine is busy (enter() and _onChanged start it)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._onTick)
-        self._timer.start()
+        self.logic = MedSAM2Logic(on_error=self._showErrorLater, on_message=self._showMessage,
+                                  on_changed=self._onChanged)
+        from MedSAM2Lib.prompt_tools import PromptTools
+
+        appLogic = slicer.app.applicationLogic()
+        self._tools = PromptTools(self.logic.controller, appLogic.GetInteractionNode(), appLogic.GetSelectionNode())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -160,13 +161,16 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.setRangeFromViewButton, self.onRangeFromView),
                                 (self.ui.checkpointBrowseButton, self.onBrowseCheckpoint),
                                 (self.ui.installButton, lambda: self.ensureDependencies(force_dialog=True)),
-                                (self.ui.downloadButton, self.onDownloadModel)):
+                                (self.ui.downloadButton, self.onDownloadModel), (self.ui.unloadButton, self.onUnloadModel)):
             button.connect("clicked()", handler)
         self.ui.segmentComboBox.connect("currentIndexChanged(int)", self.onSegmentSelected)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         # editingFinished fires on every focus-out: the controller acts only on a real change
         self.ui.serverUrlLineEdit.connect("editingFinished()", self._applySettings)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self._applySettings)
+        # not bound to the parameter node: its connector follows textChanged, and each keystroke
+        # would close the sessions and stop the engine
+        self.ui.checkpointLineEdit.connect("editingFinished()", self._onCheckpointEdited)
 
         settings = qt.QSettings()
         self.ui.serverUrlLineEdit.text = settings.value(SETTINGS_URL, "")
@@ -179,7 +183,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._removeShortcuts()
-        self._setTool(None)
+        if self._tools is not None:
+            self._tools.close()
         self.removeObservers()
         self._timer.stop()
         if self.logic is not None:
@@ -188,6 +193,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._installShortcuts()
+        self._timer.start()
 
     def exit(self):
         self._removeShortcuts()
@@ -200,6 +206,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         self._setTool(None)
         self.setParameterNode(None)  # the controller itself cancels and waits for running jobs
+        self._observeSegmentation(None)  # Clear() restarts node IDs: nothing of this scene stays watched
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -230,6 +237,9 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._observeSegmentation(p.segmentation)
         self._fillSegmentList()
+        checkpoint = self.ui.checkpointLineEdit
+        if not checkpoint.hasFocus() and checkpoint.text != p.checkpointFile:  # never under the user's typing
+            checkpoint.text = p.checkpointFile
         index = self.ui.modelComboBox.findData(p.modelName)
         if index >= 0 and index != self.ui.modelComboBox.currentIndex:
             self.ui.modelComboBox.currentIndex = index
@@ -256,7 +266,8 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         c = self.logic.controller
         try:
             c.set_settings(ModelSettings(name=p.modelName or DEFAULT_MODEL, checkpoint=p.checkpointFile.strip(),
-                                         device=p.device, server_url=url, token=token, allow_random=bool(allow_random)))
+                                         device=p.device, server_url=url, token=token, allow_random=bool(allow_random),
+                                         idle_unload_minutes=p.idleUnloadMinutes))
             window = None if p.useDisplayWindow else (p.windowLow, p.windowHigh)
             c.set_options(memory=p.memory, window=window, axes=p.axes, image_set=p.imageSet)
         except ValueError as exc:
@@ -279,20 +290,25 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.addObserver(segmentationNode, event, self._onSegmentsChanged)
 
     def _onSegmentsChanged(self, caller=None, event=None):
-        self._fillSegmentList()
+        self._fillSegmentList()  # SegmentModified comes ~25 times a second while propagating
 
     def _fillSegmentList(self):
         p = self._parameterNode
         combo = self.ui.segmentComboBox
+        segmentationNode = p.segmentation if p else None
+        segments = []
+        if segmentationNode is not None:
+            segmentation = segmentationNode.GetSegmentation()
+            for i in range(segmentation.GetNumberOfSegments()):
+                segmentId = segmentation.GetNthSegmentID(i)
+                segments.append((segmentId, segmentation.GetSegment(segmentId).GetName()))
         self._updatingSegments = True
         try:
-            combo.clear()
-            segmentationNode = p.segmentation if p else None
-            if segmentationNode is not None:
-                segmentation = segmentationNode.GetSegmentation()
-                for i in range(segmentation.GetNumberOfSegments()):
-                    segmentId = segmentation.GetNthSegmentID(i)
-                    combo.addItem(segmentation.GetSegment(segmentId).GetName(), segmentId)
+            if segments != self._shownSegments:  # rebuilt only on a real change: an open list stays open
+                self._shownSegments = segments
+                combo.clear()
+                for segmentId, name in segments:
+                    combo.addItem(name, segmentId)
             index = combo.findData(p.segmentId) if p else -1
             combo.currentIndex = 0 if index < 0 and combo.count > 0 else index
         finally:
@@ -332,6 +348,11 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is not None and index >= 0:
             self._parameterNode.modelName = self.ui.modelComboBox.itemData(index)
 
+    def _onCheckpointEdited(self):
+        text = self.ui.checkpointLineEdit.text.strip()
+        if self._parameterNode is not None and text != self._parameterNode.checkpointFile:
+            self._parameterNode.checkpointFile = text
+
     def onBrowseCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(self.parent, _("MedSAM2 / SAM2 checkpoint"), "",
                                               _("PyTorch checkpoint (*.pt *.pth);;All files (*)"))
@@ -341,6 +362,10 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadModel(self):
         if self.ensureDependencies():
             self.logic.controller.start_engine()  # downloads if needed; progress shows below
+
+    def onUnloadModel(self):
+        unloaded = self.logic.controller.unload_model()
+        self._showMessage(_("Model unloaded; its memory is free.") if unloaded else _("No model is loaded."))
 
     # --- dependencies ---------------------------------------------------------------------
     def ensureDependencies(self, force_dialog=False):
@@ -371,28 +396,18 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise RuntimeError(_("PyTorch was not installed. Open the 'PyTorch Utils' module to install it, then "
                                  "try again."))
 
-    # --- prompt placement -----------------------------------------------------------------
+    # --- prompt placement (MedSAM2Lib.prompt_tools turns clicks into prompts) --------------
     def _setTool(self, tool):
         self._uncheckTools(keep=tool)
-        self._tool, self._boxCorner = tool, None
-        if tool is None:
-            if self._placement is not None:
-                self._placement.end()  # the user's own place mode and active markups node come back
-            return
-        if not self._readyForPrompts():
-            self._setTool(None)
-            return
-        self._tool = tool
-        node = self.logic.controller.prompt_nodes.node("points")
-        if not self.hasObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onMarkupPlaced):
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onMarkupPlaced)
-        self._placement.begin(node)
+        if tool is not None and not self._readyForPrompts():
+            tool = None
+            self._uncheckTools()
+        if self._tools is not None:
+            self._tools.set(tool)  # off: the user's own place mode and active markups node come back
 
     def _onInteractionModeChanged(self, caller, event):
-        if self._tool is not None and not self._placement.ours(self.logic.controller.prompt_nodes.nodes()):
+        if self._tools.interaction_changed():
             self._uncheckTools()
-            self._tool, self._boxCorner = None, None
-            self._placement.end()
 
     def _uncheckTools(self, keep=None):
         for name, button in (("include", self.ui.includePointButton), ("exclude", self.ui.excludePointButton),
@@ -411,48 +426,10 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onAddSegment()
         return self.ensureDependencies()
 
-    def _onMarkupPlaced(self, caller, event):
-        """Called while the markups widget is placing the point: no dialog may open in here."""
-        from MedSAM2Lib.markers import Marker
-
-        n = caller.GetNumberOfControlPoints()
-        if n == 0 or self._tool is None:
-            return
-        ras = [0.0, 0.0, 0.0]
-        caller.GetNthControlPointPositionWorld(n - 1, ras)
-        sliceNode = self._sliceNodeUnderCursor()
-        if sliceNode is None:
-            caller.RemoveNthControlPoint(n - 1)
-            self._showErrorLater(ValueError(_("Place MedSAM2 prompts in a slice view (Red, Yellow or Green), "
-                                              "not in the 3D view.")))
-            return
-        self._lastSliceNode = sliceNode
-        normal = slice_view_normal(sliceNode)
-        if self._tool in ("include", "exclude"):
-            include = self._tool == "include"
-            caller.SetNthControlPointSelected(n - 1, include)  # selected colour = include (green)
-            caller.SetNthControlPointLocked(n - 1, True)
-            self.logic.controller.place_point(ras, normal, include, marker=Marker.for_point(caller, n - 1))
-        elif self._boxCorner is None:
-            self._boxCorner = ras
-        else:
-            first, self._boxCorner = self._boxCorner, None
-            caller.RemoveNthControlPoint(n - 1)
-            caller.RemoveNthControlPoint(n - 2)
-            self.logic.controller.place_box(first, ras, normal)
-
-    def _sliceNodeUnderCursor(self):
-        """The slice view the mouse is in (where the prompt was just placed)."""
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        if crosshair is None:
-            return None
-        xyz = [0.0, 0.0, 0.0]
-        return crosshair.GetCursorPositionXYZ(xyz)
-
     # --- actions --------------------------------------------------------------------------
     def _currentSliceNode(self):
         """The view of the last prompt, else the Red view."""
-        node = self._lastSliceNode
+        node = self._tools.last_slice_node
         if node is not None and node.GetScene() is slicer.mrmlScene:
             return node
         layoutManager = slicer.app.layoutManager()
@@ -486,8 +463,18 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- the timer and feedback -------------------------------------------------------------
     def _onTick(self):
-        self.logic.controller.poll()
-        progress = self.logic.controller.progress
+        c = self.logic.controller
+        try:
+            c.poll()
+            self._lastTickError = None
+        except Exception as exc:  # never a traceback every 40 ms: log and show it once
+            if str(exc) != self._lastTickError:
+                self._lastTickError = str(exc)
+                logging.exception("MedSAM2: error while polling the engine")
+                self._showErrorLater(exc)
+        progress = c.progress
+        if progress is None and not c.busy and not self.parent.isEntered:
+            self._timer.stop()  # idle and out of sight; enter() or the next job starts it again
         visible = progress is not None
         self.ui.progressBar.setVisible(visible)
         self.ui.cancelButton.setVisible(visible)
@@ -510,6 +497,12 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         title, text = describe_error(exc)
         logging.error(f"{title}: {text}")
         slicer.util.errorDisplay(text, windowTitle=title)
+
+    def _onChanged(self):
+        """The controller's on_changed: a job was queued or finished, undo state changed."""
+        if self.logic is not None and self.logic.controller.busy and not self._timer.isActive():
+            self._timer.start()  # a job queued while the module is not entered still runs
+        self._updateButtons()
 
     def _updateButtons(self):
         c = self.logic.controller if self.logic is not None else None
@@ -579,13 +572,23 @@ class MedSAM2Test(ScriptedLoadableModuleTest):
     process. Skipped where the engine is not installed (e.g. the extensions build machines)."""
 
     def setUp(self):
+        # slicer.testing.runUnitTest (ctest) loads this class by name: it runs setUp and the test_
+        # methods, never runTest, so the skip lives here
+        from MedSAM2Lib.selftest import skip_reason
+
+        reason = skip_reason()
+        if reason:
+            self.skipTest(reason)
         slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        problem = install.python_problem() or install.importable("local")
-        if problem:
-            self.delayDisplay(f"MedSAM2 engine not installed here ({problem}): test skipped")
-            raise unittest.SkipTest(problem)
+        """Reload and Test calls this (an exception shows 'Test failed'): a skip is a message."""
+        from MedSAM2Lib.selftest import skip_reason
+
+        reason = skip_reason()
+        if reason:
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_MedSAM2_prompt_propagate_correct_undo()
 

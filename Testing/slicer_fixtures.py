@@ -11,14 +11,33 @@ CT_WINDOW = (-1000.0, 400.0)  # slicerio's chest CT as a lung window shows it
 
 
 def new_scene():
-    """A bare MRML scene with the Segmentations logic registered (as Slicer's startup does)."""
+    """An MRML scene with the Segmentations and Markups logics attached, as Slicer's startup does.
+
+    With Slicer's own Markups logic acting, adding a markups node makes it the active place node
+    (vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded), as in Slicer. That logic finds the selection node
+    by its singleton ID, so the selection and interaction singletons go in first (Slicer's
+    application logic adds the same two)."""
     import slicer
 
     scene = slicer.vtkMRMLScene()
+    for node in (slicer.vtkMRMLSelectionNode(), slicer.vtkMRMLInteractionNode()):
+        node.SetSingletonTag("Singleton")  # IDs vtkMRMLSelectionNodeSingleton, vtkMRMLInteractionNodeSingleton
+        scene.AddNode(node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic()
     logic.SetMRMLScene(scene)
-    scene._medsam2_keep = logic  # keep the logic alive as long as the scene
+    scene._medsam2_keep = logic  # keep the logics alive as long as the scene
+    markups = slicer.vtkSlicerMarkupsLogic()
+    markups.SetMRMLScene(scene)
+    scene._medsam2_markups = markups
     return scene
+
+
+def selection_node(scene):
+    return scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+
+
+def interaction_node(scene):
+    return scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
 
 
 def matrix4(rotation=np.eye(3), spacing=(1, 1, 1), origin=(0, 0, 0)):

@@ -2,6 +2,7 @@
 shells rely on. Engine-process behaviour (closing, scene close) runs a real child process; the
 rest runs the random-weight model in this process (InProcessEngine) for speed."""
 
+import time
 import warnings
 
 import numpy as np
@@ -66,11 +67,14 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
     volume_matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(volume_matrix)
     volume_matrix = vtk_to_numpy_matrix(volume_matrix)
+    began = time.perf_counter()
+    controller.engine.wait_ready(timeout=240)
+    load_s = time.perf_counter() - began  # start the child, import torch, load the model
     controller.place_point(ras, AXIAL)
     job = controller.propagate("both", slice_normal=AXIAL)
     run_main_loop(controller.poll, lambda: job.done_frames >= 2 or job.done, timeout=240)
     assert not job.done, "the propagation is still running when the scene closes"
-    pid = controller.engine.pid
+    pid, generation = controller.engine.pid, controller.engine.generation
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
     labelmap = segment.GetRepresentation("Binary labelmap")
     scene.Clear(0)  # Slicer's File > Close scene
@@ -81,18 +85,54 @@ def test_closing_the_scene_mid_propagation_cancels_waits_and_writes_nothing_more
         controller.poll()
     assert labelmap.GetMTime() == mtime, "no write lands in the removed segmentation"
     assert not shell.errors, shell.errors
-    assert not sf.process_alive(pid), "closing the scene stops the engine's child (frees its memory)"
-    # the next patient: a prompt in the emptied scene starts a new child and is answered
+    assert sf.process_alive(pid) and controller.model_loaded, "closing the scene keeps the model loaded"
+    # the next patient: the same child answers the first prompt, without loading the model again
     volume = sf.add_volume(scene, values, volume_matrix, window=sf.CT_WINDOW)
     segmentation, ids = sf.add_segmentation(scene, volume)
     controller.select(volume, segmentation, ids[0])
+    began = time.perf_counter()
     job = controller.place_point(ras, AXIAL)
     run_main_loop(controller.poll, lambda: job.done, timeout=240)
+    first_prompt_s = time.perf_counter() - began
     assert job.error is None and not shell.errors, (job.error, shell.errors)
+    assert (controller.engine.pid, controller.engine.generation) == (pid, generation), "no new child, no reload"
+    assert first_prompt_s < load_s, f"first prompt after the scene closed took {first_prompt_s:.2f} s; " \
+                                    f"loading the model takes {load_s:.2f} s"
+    # Unload model: the child stops (its memory, GPU included, is freed); the next prompt loads it again
+    assert controller.unload_model() and not controller.model_loaded and not sf.process_alive(pid)
+    job = controller.place_point(ras, AXIAL)
+    run_main_loop(controller.poll, lambda: job.done, timeout=240)
+    assert job.error is None and controller.engine.pid not in (None, pid)
     new_pid = controller.engine.pid
-    assert new_pid != pid and sf.process_alive(new_pid)
     controller.shutdown()  # module cleanup
     assert not sf.process_alive(new_pid), "no engine process is left behind"
+
+
+def test_an_idle_model_is_unloaded_after_the_settings_idle_time(random_checkpoint, ct_volume):
+    from dataclasses import replace
+
+    shell = Shell()
+    scene, volume, segmentation, segment_id, values = sf.ct_scene(ct_volume[10:14])
+    controller = _controller(scene, shell)
+    controller.set_settings(_settings(random_checkpoint))
+    try:
+        controller.select(volume, segmentation, segment_id)
+        job = controller.place_point(sf.prompt_ras(volume, values)[0], AXIAL)
+        run_main_loop(controller.poll, lambda: job.done, timeout=240)
+        pid = controller.engine.pid
+        assert job.error is None and sf.process_alive(pid)
+        for _ in range(5):  # idle within the default 30 minutes: the model stays
+            controller.poll()
+        assert sf.process_alive(pid) and controller.model_loaded
+        # changing only the idle time keeps the engine (no restart), and applies at once
+        assert controller.set_settings(replace(controller.settings, idle_unload_minutes=0.002))
+        assert controller.engine.pid == pid
+        run_main_loop(controller.poll, lambda: not controller.model_loaded, timeout=30)
+        assert not sf.process_alive(pid)
+        assert any("Unloaded the MedSAM2 model after" in m for m in shell.messages), shell.messages
+        assert not shell.errors, shell.errors
+    finally:
+        controller.shutdown()
 
 
 def test_removing_the_segmentation_mid_propagation_stops_its_session(random_checkpoint, ct_volume):
@@ -243,8 +283,7 @@ def test_leaving_the_prompt_tools_restores_the_users_place_mode():
     from MedSAM2Lib.prompt_nodes import PlacementState, PromptNodes
 
     scene = sf.new_scene()
-    interaction = scene.AddNewNodeByClass("vtkMRMLInteractionNode")
-    selection = scene.AddNewNodeByClass("vtkMRMLSelectionNode")
+    interaction, selection = sf.interaction_node(scene), sf.selection_node(scene)  # Slicer's Markups logic acts
     users = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
     selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
     selection.SetActivePlaceNodeID(users.GetID())

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 import slicer_fixtures as sf
+from MedSAM2Lib.engine_api import Engine
 from MedSAM2Lib.slicer_loop import run_main_loop, slowest_tick
+from medsam2.prompt import Prompt
 
 warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
 
@@ -43,9 +45,9 @@ def _warm_up(engine_or_model):
     """First torch calls in a process are slow (lazy initialisation): take them out of timings."""
     rng = np.random.default_rng(0)
     volume = rng.integers(-1000, 400, (3, 64, 64)).astype(np.int16)
-    if hasattr(engine_or_model, "wait"):
+    if isinstance(engine_or_model, Engine):
         handle = engine_or_model.open(volume, memory="sam2")
-        engine_or_model.wait(handle.add_prompt(1, points=[[30, 30]], labels=[1]), 120).result()
+        engine_or_model.wait(handle.add_prompt(Prompt.make(1, points=[[30, 30]], labels=[1])), 120).result()
         handle.close()
     else:
         engine_or_model.open(volume, memory="sam2").add_prompt(1, points=[[30, 30]], labels=[1])
@@ -222,7 +224,7 @@ def test_closing_the_engine_stops_the_child_and_fails_waiting_requests(random_ch
     engine.wait_ready(timeout=180)
     pid = engine.pid
     handle = engine.open(np.zeros((4, 32, 32), np.int16), memory="sam2")
-    request = handle.add_prompt(1, points=[[10, 10]], labels=[1])
+    request = handle.add_prompt(Prompt.make(1, points=[[10, 10]], labels=[1]))
     engine.close()
     assert request.done and isinstance(request.error, EngineStopped)
     assert engine.pid is None and not sf.process_alive(pid)

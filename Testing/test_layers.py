@@ -83,7 +83,7 @@ def test_engine_imports_no_slicer_qt_vtk_or_a_layer_above(path):
 
 def _is_core(path: Path) -> bool:
     rel = path.relative_to(ENGINE).parts
-    return len(rel) == 1 or rel[0] == "io"
+    return len(rel) == 1 or rel[0] in ("io", "models", "tracking", "study")
 
 
 @pytest.mark.parametrize("path", [p for p in _files(ENGINE) if _is_core(p)],

@@ -41,7 +41,7 @@ def test_install_plan_pins_versions_and_installs_sam2_without_touching_torch():
         install.install(missing, broken)
     # this environment (the one the tests run in) has everything the engine needs
     assert install.missing("local") == [] and install.torch_missing("local") is None
-    assert install.importable("local") is None
+    assert install.present("local") is None
 
 
 def test_slicer_older_than_5_10_is_told_what_to_do():
@@ -134,3 +134,39 @@ def test_a_failed_install_shows_exactly_one_error_dialog():
     new = RecordingUI(pip=new_pip)
     assert ensure_installed("local", new.ui(), version_of=MISSING_TQDM.get) is False
     assert new.kinds() == ["confirm"] and requesters == ["MedSAM2"], "no second dialog from the module"
+
+
+def _fresh_python(code):
+    """Run `code` in a new interpreter with the module's folder on sys.path (as Slicer has it)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "MedSAM2Slicer"
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r})\n" + code],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_the_install_check_imports_nothing_into_slicers_process():
+    """The engine runs in its child: the first click of a tool must not load torch, sam2, fastapi
+    or uvicorn into Slicer (seconds of a frozen main thread, gigabytes of memory)."""
+    loaded = _fresh_python(
+        "from MedSAM2Lib.install_flow import InstallUI, ensure_installed\n"
+        "ui = InstallUI(*[lambda *a: True] * 7)\n"
+        "assert ensure_installed('local', ui) is True\n"
+        "heavy = ('torch', 'sam2', 'fastapi', 'uvicorn', 'hydra', 'httpx', 'zstandard')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))")
+    assert loaded == "[]", f"imported into Slicer's process: {loaded}"
+
+
+def test_the_install_check_names_a_package_that_cannot_be_found():
+    # sys.modules[name] = None is Python's way to make a module unfindable (find_spec returns None)
+    said = _fresh_python(
+        "sys.modules['sam2'] = None\n"
+        "from MedSAM2Lib import install, selftest\n"
+        "assert install.present('remote') is None\n"
+        "print(install.present('local'), '|', selftest.skip_reason())")
+    problem, skip = said.split(" | ")
+    assert problem == "not found: sam2"
+    assert skip == "MedSAM2 engine not installed here (not found: sam2): test skipped"

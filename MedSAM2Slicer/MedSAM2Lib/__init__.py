@@ -5,11 +5,13 @@ testable without the Slicer application, and shared by the Qt shell (MedSAM2.py)
 shell (MedSAM2Web). Importing it needs neither torch nor sam2.
 """
 
+from .engine_api import Engine, EngineSession, Request
 from .engine_inprocess import InProcessEngine
-from .engine_process import EngineStopped, LocalEngine, RemoteEngine
+from .engine_process import ChildEngine, EngineStopped, LocalEngine, LocalTarget, RemoteEngine, RemoteTarget
 from .geometry import FrameLayout, VolumeGeometry
 from .models import ModelSettings
 from .session import SegmentationSession
 
-__all__ = ["EngineStopped", "FrameLayout", "InProcessEngine", "LocalEngine", "ModelSettings", "RemoteEngine",
-           "SegmentationSession", "VolumeGeometry"]
+__all__ = ["ChildEngine", "Engine", "EngineSession", "EngineStopped", "FrameLayout", "InProcessEngine", "LocalEngine",
+           "LocalTarget", "ModelSettings", "RemoteEngine", "RemoteTarget", "Request", "SegmentationSession",
+           "VolumeGeometry"]

@@ -1,5 +1,6 @@
 """What a segment's session remembers: its prompts per axis (to replay them into an engine) and
-its actions (to undo and redo them exactly). Plain data, no scene and no engine calls."""
+its actions (to undo and redo them exactly). Plain data, no scene and no engine calls. A prompt is
+the engine's own value (medsam2.prompt.Prompt), the one form that crosses to the engine child."""
 
 from __future__ import annotations
 
@@ -7,42 +8,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medsam2.masks import pack_mask, unpack_mask
+from medsam2.masks import PackedMask
+from medsam2.prompt import Prompt
 
 OBJ_ID = 1  # each engine session holds one segment, as object 1
 
 
-def pack(mask) -> tuple:
-    """bool (rows, cols) -> a compact undo record (shape, bits)."""
-    mask = np.asarray(mask, dtype=bool)
-    return (mask.shape, pack_mask(mask))
+def pack(mask) -> PackedMask:
+    """bool (rows, cols) -> a compact undo record."""
+    return PackedMask.of(mask)
 
 
-def unpack(record) -> np.ndarray:
-    shape, bits = record
-    return unpack_mask(bits, shape)
-
-
-@dataclass(eq=False)  # compared by identity: two identical clicks are two prompts
-class Prompt:
-    """One engine prompt on one frame, kept so it can be replayed after an undo or a restart."""
-
-    frame: int
-    points: tuple | None = None   # ((x, y), ...)
-    labels: tuple | None = None
-    box: tuple | None = None      # (x0, y0, x1, y1)
-    mask: tuple | None = None     # a pack() record
-
-    def engine_kwargs(self) -> dict:
-        kw = {}
-        if self.points is not None:
-            kw["points"] = np.asarray(self.points, dtype=float).reshape(-1, 2)
-            kw["labels"] = np.asarray(self.labels, dtype=int)
-        if self.box is not None:
-            kw["box"] = np.asarray(self.box, dtype=float)
-        if self.mask is not None:
-            kw["mask"] = unpack(self.mask)
-        return kw
+def unpack(record: PackedMask) -> np.ndarray:
+    return record.unpack()
 
 
 @dataclass(eq=False)

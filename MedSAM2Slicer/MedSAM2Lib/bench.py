@@ -23,6 +23,8 @@ import warnings
 
 import numpy as np
 
+from medsam2.prompt import Prompt
+
 AXIAL = (0.0, 0.0, 1.0)
 WINDOW = (-1000.0, 400.0)
 
@@ -103,7 +105,7 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
     try:
         engine.wait_ready(timeout=300)
         warm = engine.open(frames[:2], memory="sam2", window=WINDOW)
-        engine.wait(warm.add_prompt(0, points=[[x, y]], labels=[1]), 300)
+        engine.wait(warm.add_prompt(Prompt.make(0, points=[[x, y]], labels=[1])), 300)
         session = SegmentationSession(volume, segmentation, segment_id, engine, memory="sam2", window=WINDOW)
         ticks = []
 
@@ -126,13 +128,17 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
 
 
 def format_table(rows) -> str:
-    head = ("| model input | slices | first click: alone / module | click on a cached slice: alone / module "
+    head = ("| model input | slices | first click: alone / module (+ms) | click on a cached slice: alone / module (+ms) "
             "| propagation, slices/s: alone / module | slowest poll |")
     lines = [head, "|---|---|---|---|---|---|"]
+
+    def pair(alone, module):
+        return f"{alone:.2f} s / {module:.2f} s ({(module - alone) * 1000:+.0f} ms)"
+
     for r in rows:
         lines.append(f"| {r['size']} px ({r['frame']} frames) | {r['slices']} "
-                     f"| {r['alone_first_click_s']:.2f} s / {r['module_first_click_s']:.2f} s "
-                     f"| {r['alone_cached_click_s']:.2f} s / {r['module_cached_click_s']:.2f} s "
+                     f"| {pair(r['alone_first_click_s'], r['module_first_click_s'])} "
+                     f"| {pair(r['alone_cached_click_s'], r['module_cached_click_s'])} "
                      f"| {r['alone_fps']:.2f} / {r['module_fps']:.2f} ({r['module_fps'] / r['alone_fps']:.2f}x) "
                      f"| {r['slowest_poll_ms']:.1f} ms |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import vtk
 from medsam2.errors import InputError
 from medsam2.options import AXES, MEMORY_MODES
 
-from .jobs import PromptJob
+from .jobs import PromptJob, PropagationJob
 from .markers import Marker, PromptMarkers
 from .models import ModelSettings
 from .prompt_nodes import PromptNodes
@@ -71,7 +71,8 @@ class ModuleController:
         self._engine = None
         self._owns_engine = False  # made here from the settings (not handed in by use_engine)
         self._sessions: dict = {}  # (volume id, segmentation id, segment id) -> (options, session)
-        self._markers_of_jobs: dict = {}  # job -> Marker, until the job commits or fails
+        self._markers_of_jobs: dict = {}  # job -> (session, Marker), until the job commits or fails
+        self._last_activity = time.monotonic()  # for the idle unload (settings.idle_unload_minutes)
         self._target = (None, None, "")
         self._segment_watch: dict = {}  # segmentation node ID -> (node, observer tag)
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
@@ -79,13 +80,15 @@ class ModuleController:
 
     # --- configuration ------------------------------------------------------------------------
     def set_settings(self, settings: ModelSettings) -> bool:
-        """Use these model/server settings. Only a real change closes the sessions and stops the
-        engine (a shell may call this on every focus-out of a settings field). Returns changed."""
+        """Use these model/server settings. Only a real change of the engine closes the sessions
+        and stops the engine (a shell may call this on every focus-out of a settings field).
+        Returns changed."""
         if settings == self.settings:
             return False
         settings.check()
-        self.close_sessions()
-        self._drop_engine()
+        if not settings.same_engine(self.settings):
+            self.close_sessions()
+            self._drop_engine()
         self.settings = settings
         return True
 
@@ -123,7 +126,21 @@ class ModuleController:
 
     def start_engine(self) -> None:
         """Start the engine now (e.g. 'Download model'), rather than at the first prompt."""
-        self.engine.start() if hasattr(self.engine, "start") else None
+        self.engine.start()
+
+    def unload_model(self) -> bool:
+        """'Unload model': sessions closed and the engine's child stopped, which frees its (GPU)
+        memory; the next prompt loads the model again. An engine handed in by use_engine only
+        loses its sessions (its maker stops it). Returns whether a model was unloaded."""
+        self.close_sessions()
+        unloaded = self._engine is not None and self._owns_engine and self._engine.state in ("starting", "ready")
+        self._drop_engine()
+        return unloaded
+
+    @property
+    def model_loaded(self) -> bool:
+        """The engine is up (its model in memory), or on its way up."""
+        return self._engine is not None and self._engine.state in ("starting", "ready")
 
     # --- sessions -----------------------------------------------------------------------------
     def session(self, create: bool = True) -> SegmentationSession | None:
@@ -156,6 +173,13 @@ class ModuleController:
             tag = segmentation.AddObserver(slicer.vtkSegmentation.SegmentRemoved, self._on_segment_removed)
             self._segment_watch[segmentation.GetID()] = (segmentation, tag)
 
+    def _unwatch_segments(self, node_id=None) -> None:
+        """Stop watching one segmentation (it left the scene) or all (scene closed: Clear() restarts
+        node IDs, so a new segmentation could take a watched one's ID and go unobserved)."""
+        for key in [k for k in self._segment_watch if node_id is None or k == node_id]:
+            node, tag = self._segment_watch.pop(key)
+            node.RemoveObserver(tag)
+
     def _on_segment_removed(self, segmentation, event=None) -> None:
         gone = [k for k in self._sessions
                 if k[1] == segmentation.GetID() and segmentation.GetSegmentation().GetSegment(k[2]) is None]
@@ -167,8 +191,8 @@ class ModuleController:
 
     def _close_session(self, key, wait=True) -> None:
         _, session = self._sessions.pop(key)
-        for job, marker in list(self._markers_of_jobs.items()):
-            if job.session is session:
+        for job, (owner, marker) in list(self._markers_of_jobs.items()):
+            if owner is session:
                 marker.remove()
                 del self._markers_of_jobs[job]
         self.markers.forget_session(session)  # its prompts leave the engine: their markers go too
@@ -193,16 +217,19 @@ class ModuleController:
         self._drop_engine()
         for tag in self._observers:
             self.scene.RemoveObserver(tag)
-        for node, tag in self._segment_watch.values():
-            node.RemoveObserver(tag)
-        self._observers, self._segment_watch = [], {}
+        self._unwatch_segments()
+        self._observers = []
 
     def _on_scene_closing(self, caller=None, event=None) -> None:
-        """File > Close scene: jobs cancelled and waited for, and the engine's child stopped, which
-        frees its (GPU) memory for whatever the user does next; the next prompt starts it again."""
+        """File > Close scene: jobs cancelled and waited for, and every engine session closed,
+        which frees the memory they held. The engine and its loaded model stay, so the next
+        patient's first prompt does not wait for the model to load ("Unload model" or the idle
+        timeout stop it)."""
         self.close_sessions()
+        self._unwatch_segments()
         self._target = (None, None, "")
-        self._drop_engine()
+        if self._engine is not None:
+            self._engine.close_sessions()
 
     @vtk.calldata_type(vtk.VTK_OBJECT)
     def _on_node_removed(self, scene, event, node) -> None:
@@ -210,18 +237,22 @@ class ModuleController:
         node_id = node.GetID() if node is not None else None
         for key in [k for k in self._sessions if node_id in k[:2]]:
             self._close_session(key)
+        if node_id is not None:
+            self._unwatch_segments(node_id)
 
     # --- actions (each returns the job, or None when refused; errors go to on_error) ----------
     def _submit(self, make_job, marker=None):
+        self._last_activity = time.monotonic()
         try:
-            job = make_job(self.session())
+            job_session = self.session()
+            job = make_job(job_session)
         except Exception as exc:  # input errors (oblique view, no segment...) and engine refusals
             if marker is not None:
                 marker.remove()
             self.on_error(exc)
             return None
         if marker is not None:
-            self._markers_of_jobs[job] = marker
+            self._markers_of_jobs[job] = (job_session, marker)
         self.on_changed()
         return job
 
@@ -269,9 +300,8 @@ class ModuleController:
     def cancel(self) -> None:
         """Cancel every queued and running job (finished slices of a propagation stay)."""
         for session in self.sessions():
-            for job in [session.current_job, *session._queue]:
-                if job is not None:
-                    job.cancel()
+            for job in session.jobs():
+                job.cancel()
         self.on_changed()
 
     def slice_range_around(self, ras, slice_normal, half_width: int = 10):
@@ -318,7 +348,7 @@ class ModuleController:
     def progress(self) -> Progress | None:
         engine = self._engine
         job = next((s.current_job for s in self.sessions() if s.current_job is not None), None)
-        if engine is not None and getattr(engine, "state", "ready") == "starting":
+        if engine is not None and engine.state == "starting":
             if engine.download and engine.download[1]:
                 done, total = engine.download
                 return Progress(f"Downloading the model: {done / 2**20:.0f} of {total / 2**20:.0f} MB",
@@ -338,6 +368,9 @@ class ModuleController:
         deadline = time.monotonic() + budget_s
         if self._engine is not None and not self.busy:
             self._engine.poll(0.005)  # start-up messages (download progress) arrive without jobs
+            self._unload_when_idle()
+        else:
+            self._last_activity = time.monotonic()
         changed = False
         for session in self.sessions():
             if not session.busy:
@@ -350,8 +383,16 @@ class ModuleController:
         if changed:
             self.on_changed()
 
+    def _unload_when_idle(self) -> None:
+        """Past the settings' idle time, the model leaves memory (GPU memory is shared)."""
+        minutes = self.settings.idle_unload_minutes
+        if minutes > 0 and time.monotonic() - self._last_activity > minutes * 60 and self.unload_model():
+            self.on_message(f"Unloaded the MedSAM2 model after {minutes:g} min without use, to free its memory; "
+                            "the next prompt loads it again.")
+            self.on_changed()
+
     def _finished(self, session, job) -> None:
-        marker = self._markers_of_jobs.pop(job, None)
+        _, marker = self._markers_of_jobs.pop(job, (None, None))
         if job.action is not None and marker is not None and job.action.prompt is not None:
             self.markers.attach(session, job.action, marker)
         elif marker is not None:
@@ -359,6 +400,6 @@ class ModuleController:
         self.markers.prune(session)  # a new action ends the redo history: those markers go
         if job.error is not None:
             self.on_error(job.error)
-        elif job.cancelled and getattr(job, "done_frames", 0):
+        elif job.cancelled and isinstance(job, PropagationJob) and job.done_frames:
             self.on_message(f"Cancelled after {job.done_frames} of {job.total} slices; those stay (undo removes them).")
         self.on_finished(session, job)

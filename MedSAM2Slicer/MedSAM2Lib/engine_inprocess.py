@@ -1,4 +1,4 @@
-"""A model loaded in this process, behind the engine interface (engine_api.py).
+"""A model loaded in this process, behind the engine interface (engine_api.Engine).
 
 For scripts, tests and the Python console: `SegmentationSession(..., medsam2.load_model(...))`
 or `(..., medsam2.connect(url))` wraps the model in an InProcessEngine. Requests run at the call
@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from medsam2.prompt import Prompt, hold_prompts
+
 from .engine_api import Request
 
 
@@ -22,29 +24,33 @@ class InProcessEngine:
     generation = 1
     restarts = 0
     stopped_reason = ""
+    status = ""
+    download = None
 
     def __init__(self, model):
         self.model = model
         self._streams: list = []  # (request, generator) of running propagations
+        self._sessions: list = []
+
+    def start(self) -> None:
+        """The model is loaded already."""
 
     @property
     def info(self) -> dict:
-        return {"model": getattr(self.model, "name", None), "device": str(getattr(self.model, "device", "")),
-                "image_size": getattr(self.model, "image_size", None),
-                "weights_are_random": bool(getattr(self.model, "weights_are_random", False))}
+        return {"model": self.model.name, "device": str(self.model.device), "image_size": self.model.image_size,
+                "weights_are_random": bool(self.model.weights_are_random)}
 
     def open(self, frames, memory="self-sorting", window=None, image_set=False) -> "InProcessSession":
         handle = InProcessSession(self)
 
         def opening():
             if image_set:
-                if not hasattr(self.model, "open_images"):
-                    raise ValueError("2D image set mode needs a model that offers it (open_images).")
                 return self.model.open_images(list(np.asarray(frames)), memory=memory, window=window)
             return self.model.open(frames, memory=memory, window=window)
 
         handle.opened = _run("open", opening)
         handle.session = handle.opened.value
+        self._sessions.append(handle)
         return handle
 
     def poll(self, budget_s: float = 0.01) -> int:
@@ -54,7 +60,7 @@ class InProcessEngine:
             try:
                 item = next(frames)
             except StopIteration:
-                request.finish({"cancelled": request.cancel_requested})
+                request.finish({"cancelled": request.cancel_requested}, cancelled=request.cancel_requested)
             except BaseException as exc:  # the error belongs to the request
                 request.finish(error=exc)
             else:
@@ -76,12 +82,19 @@ class InProcessEngine:
         self._streams.append((request, frames))
         return request
 
-    def close(self) -> None:
-        """The model belongs to the caller; only running propagations stop."""
+    def close_sessions(self) -> None:
+        """Stop running propagations and close every session; the model stays loaded."""
         for request, frames in self._streams:
             frames.close()
-            request.finish({"cancelled": True})
+            request.finish({"cancelled": True}, cancelled=True)
         self._streams.clear()
+        sessions, self._sessions = self._sessions, []
+        for handle in sessions:
+            handle.close()
+
+    def close(self) -> None:
+        """The model belongs to the caller: only the sessions close."""
+        self.close_sessions()
 
 
 class InProcessSession:
@@ -102,19 +115,11 @@ class InProcessSession:
     def num_frames(self):
         return self.session.num_frames
 
-    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None) -> Request:
-        return self._call("add_prompt", lambda: np.asarray(self.session.add_prompt(
-            frame, obj_id=obj_id, points=points, labels=labels, box=box, mask=mask), dtype=bool))
+    def add_prompt(self, prompt: Prompt) -> Request:
+        return self._call("add_prompt", lambda: np.asarray(self.session.add_prompt(**prompt.arguments()), dtype=bool))
 
-    def set_prompts(self, frame, obj_id, prompts) -> Request:
-        def replay():
-            if obj_id in self.session.obj_ids:
-                self.session.clear_prompts(frame, obj_id)
-            for p in prompts:
-                self.session.add_prompt(frame, obj_id=obj_id, **p)
-            return {}
-
-        return self._call("set_prompts", replay)
+    def set_prompts(self, frame: int, obj_id: int, prompts: list[Prompt]) -> Request:
+        return self._call("set_prompts", lambda: hold_prompts(self.session, frame, obj_id, prompts) or {})
 
     def propagate(self, direction="both", start=None, stop=None, axes=None) -> Request:
         if self.session is None:
@@ -135,7 +140,7 @@ class InProcessSession:
     def close(self) -> None:
         self.alive = False
         session, self.session = self.session, None
-        if session is not None and hasattr(session, "close"):
+        if session is not None:
             try:
                 session.close()
             except Exception:  # best effort (e.g. a remote server that is gone)

@@ -2,15 +2,15 @@
 
 Inside 3D Slicer the main thread keeps Python's GIL while Qt idles, so a Python worker thread in
 Slicer's process runs only while the main thread happens to run Python: engine work on such a
-thread crawls. So the engine runs in a child process (`python -m medsam2.remote.agent`): locally it
-serves the model with the project's own server on loopback and talks to it with the project's own
-client; remotely it only runs that client. This side sends requests and reads replies over one
-loopback socket in non-blocking calls: `poll()`, called by a timer on the main thread, moves a
-bounded amount of bytes and returns.
+thread crawls. So the engine runs in a child process (`python -m medsam2.remote.agent`), which
+holds either the model itself (`LocalTarget`: loaded there) or a remote server's client
+(`RemoteTarget`), and calls its sessions directly. This side sends requests and reads replies
+over one loopback socket (child_process.py); `poll()`, called by a timer on the main thread,
+moves a bounded amount of bytes and returns.
 
     engine = LocalEngine(model="sam2.1_hiera_tiny", checkpoint=path, device="cpu", image_size=256)
     handle = engine.open(frames, memory="sam2")          # queued; the child starts on first use
-    request = handle.add_prompt(5, obj_id=1, points=[[30, 40]], labels=[1])
+    request = handle.add_prompt(Prompt.make(5, points=[[30, 40]], labels=[1]))
     while not request.done: engine.poll()                 # e.g. from a QTimer
     engine.close()                                        # the child exits (GPU memory freed)
 
@@ -21,43 +21,65 @@ on the old one report `alive == False` so their owners re-open them and replay t
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections import deque
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from medsam2 import errors
 from medsam2.errors import CheckpointError
-from medsam2.masks import pack_mask, unpack_mask
+from medsam2.masks import PackedMask
 from medsam2.options import DEFAULT_MODEL
+from medsam2.prompt import Prompt
 from medsam2.remote import channel
 
+from .child_process import ChildGone, ChildProcess, FramePayload, default_python
 from .engine_api import Request
 
 log = logging.getLogger("MedSAM2.engine")
-SEND_BUDGET = 16 << 20   # bytes written per poll (a volume goes out over several ticks)
-RECV_BUDGET = 16 << 20   # bytes read per poll
-CHUNK = 4 << 20          # a volume's frames are copied out this much at a time
-STARTUP_TIMEOUT_S = 60.0  # from spawning the child to its hello (not counting the model load)
 
 
 class EngineStopped(errors.ServerError):
     """The engine process stopped (crashed, was killed, or was closed) before answering."""
 
 
-class EngineSession:
+@dataclass(frozen=True)
+class LocalTarget:
+    """The model loaded in the child, on this machine (as `medsam2.load_model` takes it)."""
+
+    model: str = DEFAULT_MODEL
+    checkpoint: str | None = None   # None: the registry's verified, cached download (with progress)
+    device: str = "auto"
+    image_size: int | None = None
+    precision: str = "auto"
+
+    def config(self) -> dict:
+        return {"mode": "local", **asdict(self)}
+
+    def describe(self) -> str:
+        return f"{self.model} ({self.checkpoint or 'registry download'}, device {self.device})"
+
+
+@dataclass(frozen=True)
+class RemoteTarget:
+    """A `medsam2 serve` server; the child runs only its client (no torch needed)."""
+
+    url: str
+    token: str | None = None
+    timeout: float = 300.0
+
+    def config(self) -> dict:
+        return {"mode": "remote", **asdict(self)}
+
+    def describe(self) -> str:
+        return f"the server at {self.url}"
+
+
+class ChildSession:
     """An engine session (one volume along one axis) in the child; its methods return Requests."""
 
-    def __init__(self, engine: "LocalEngine", handle: int, num_frames: int, frame_shape: tuple):
+    def __init__(self, engine: "ChildEngine", handle: int, num_frames: int, frame_shape: tuple):
         self.engine, self.handle = engine, handle
         self.generation = engine.generation
         self.num_frames, self.frame_shape = num_frames, tuple(frame_shape)
@@ -65,27 +87,17 @@ class EngineSession:
 
     @property
     def alive(self) -> bool:
-        """False once the child that holds it has stopped (its prompts must be replayed elsewhere)."""
         return self.generation == self.engine.generation and self.engine.state in ("starting", "ready")
 
     def _request(self, op, fields, payload=b"", stream=False) -> Request:
-        return self.engine._request(op, {"handle": self.handle, **fields}, payload, stream)
+        return self.engine.request(op, {"handle": self.handle, **fields}, payload, stream)
 
-    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None) -> Request:
-        prompt, payload = prompt_fields(points, labels, box, mask)
-        return self._request("add_prompt", {"frame": int(frame), "obj_id": int(obj_id), "prompt": prompt}, payload)
+    def add_prompt(self, prompt: Prompt) -> Request:
+        return self._request("add_prompt", {"prompt": prompt.to_json()})
 
-    def set_prompts(self, frame, obj_id, prompts) -> Request:
-        """Make the engine hold exactly `prompts` (dicts of points/labels/box/mask) for the object on
-        this frame: replays a frame after undo/redo or a restart."""
-        fields, chunks, offset = [], [], 0
-        for p in prompts:
-            f, body = prompt_fields(p.get("points"), p.get("labels"), p.get("box"), p.get("mask"), offset)
-            fields.append(f)
-            chunks.append(body)
-            offset += len(body)
-        return self._request("set_prompts", {"frame": int(frame), "obj_id": int(obj_id), "prompts": fields},
-                             b"".join(chunks))
+    def set_prompts(self, frame: int, obj_id: int, prompts: list[Prompt]) -> Request:
+        return self._request("set_prompts", {"frame": int(frame), "obj_id": int(obj_id),
+                                             "prompts": [p.to_json() for p in prompts]})
 
     def propagate(self, direction="both", start=None, stop=None, axes=None) -> Request:
         stop = list(stop) if isinstance(stop, (tuple, list)) else stop
@@ -100,53 +112,22 @@ class EngineSession:
             self._request("close", {})
 
 
-def prompt_fields(points=None, labels=None, box=None, mask=None, offset=0):
-    """A prompt as JSON fields plus payload bytes (a mask travels packed, at payload[span])."""
-    fields, payload = {}, b""
-    if points is not None:
-        fields["points"] = np.asarray(points, dtype=float).reshape(-1, 2).tolist()
-        fields["labels"] = np.asarray(labels, dtype=int).reshape(-1).tolist()
-    if box is not None:
-        fields["box"] = np.asarray(box, dtype=float).reshape(-1).tolist()
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        payload = pack_mask(mask).tobytes()
-        fields["mask"] = {"shape": list(mask.shape), "span": [offset, offset + len(payload)]}
-    return fields, payload
+class ChildEngine:
+    """The engine in a child process, for a local model or a remote server (its `target`).
 
-
-def default_python() -> str:
-    """The Python to run the child with: this one, or inside Slicer (whose sys.executable is the
-    application itself) the PythonSlicer launcher next to it, which sets up Slicer's Python."""
-    exe = sys.executable or ""
-    if os.path.basename(exe).lower().startswith("python"):
-        return exe
-    folder = os.path.dirname(exe)
-    for candidate in (os.path.join(folder, "PythonSlicer"), os.path.join(folder, "PythonSlicer.exe"),
-                      shutil.which("PythonSlicer") or ""):
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    return exe
-
-
-class LocalEngine:
-    """The engine in a child process on this machine: the model loads there, and runs there.
-
-    model, checkpoint, device, image_size, precision: as `medsam2.load_model` (checkpoint None = the
-    registry's verified, cached download, with progress). allow_random_weights: accept a checkpoint
-    made by `medsam2.testing.write_random_checkpoint` (tests only: its masks are meaningless).
-    python: the interpreter for the child (default: this one, or Slicer's PythonSlicer).
-    checkpoint_way: how a user of this application gives a local checkpoint file, named when the
-    download fails (e.g. "the Checkpoint file field in MedSAM2's Settings").
+    allow_random_weights: accept a checkpoint made by `medsam2.testing.write_random_checkpoint`
+    (tests only: its masks are meaningless). python: the interpreter for the child (default: this
+    one, or Slicer's PythonSlicer). checkpoint_way: how a user of this application gives a local
+    checkpoint file, named when the download fails.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | None = None, device: str = "auto",
-                 image_size: int | None = None, precision: str = "auto", allow_random_weights: bool = False,
+    computes_in_call = False
+
+    def __init__(self, target: LocalTarget | RemoteTarget, allow_random_weights: bool = False,
                  python: str | None = None, checkpoint_way: str | None = None):
-        self.config = {"mode": "local", "model": model, "checkpoint": str(checkpoint) if checkpoint else None,
-                       "device": device, "image_size": image_size or None, "precision": precision}
+        self.target = target
         self.allow_random_weights = bool(allow_random_weights)
-        self.checkpoint_way = checkpoint_way  # how this application's user gives a checkpoint file
+        self.checkpoint_way = checkpoint_way
         self.python = python or default_python()
         self.state = "stopped"   # stopped | starting | ready | failed | closed
         self.generation = 0      # +1 at every start of a child
@@ -155,27 +136,26 @@ class LocalEngine:
         self.status = ""         # what the child is doing while starting ("Loading the model")
         self.download = None     # (done, total) bytes while the checkpoint downloads
         self.stopped_reason = ""  # why the last child stopped unexpectedly ("" if it did not)
+        self._child: ChildProcess | None = None
         self._ids = 0
-        self._proc = None
-        self._listener = None
-        self._sock = None
-        self._key = ""
-        self._reader = None
-        self._outbox: deque = deque()    # byte chunks, or iterators of them (a volume's frames)
-        self._requests: dict = {}        # id -> Request awaiting its reply
         self._handles = 0
-        self._spawned_at = 0.0
-        self._hello = None               # (socket, reader) of a connection that has not said hello yet
-        self._stderr_path = None
+        self._requests: dict = {}        # id -> Request awaiting its reply
+
+    @property
+    def config(self) -> dict:
+        return self.target.config()
+
+    def describe(self) -> str:
+        return self.target.describe()
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.running
 
     def start(self) -> None:
         """Start the child if none is running (returns at once; it says hello within seconds)."""
@@ -183,235 +163,107 @@ class LocalEngine:
             raise EngineStopped("this MedSAM2 engine was closed; create a new one")
         if self.state in ("starting", "ready") and self.running:
             return
-        crashed = self.state == "failed" or self._proc is not None
-        self._teardown()
+        crashed = self.state == "failed" or self._child is not None
+        self._stop_child()
         self.generation += 1
         self.restarts += int(crashed and bool(self.stopped_reason))
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(1)
-        self._listener.setblocking(False)
-        port = self._listener.getsockname()[1]
-        self._key = secrets.token_hex(32)
-        env = dict(os.environ)
-        env[channel.KEY_ENV] = self._key
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # medsam2 lies beside MedSAM2Lib
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        fd, self._stderr_path = tempfile.mkstemp(prefix="medsam2-engine-", suffix=".log")
-        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
-        with os.fdopen(fd, "wb") as stderr:
-            self._proc = subprocess.Popen(
-                [self.python, "-m", "medsam2.remote.agent", "--connect", f"127.0.0.1:{port}"],
-                env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, creationflags=flags)
-        self._spawned_at = time.monotonic()
-        self._reader = channel.MessageReader()
+        self._child = ChildProcess(self.python)
         self.state, self.status, self.download, self.info = "starting", "Starting the engine", None, {}
-        self._request("start", {"config": self._start_config()})
-        log.info("MedSAM2 engine process %s started (%s)", self._proc.pid, self.python)
+        self.request("start", {"config": self.target.config()})
+        log.info("MedSAM2 engine process %s started (%s)", self._child.pid, self.python)
 
-    def _start_config(self) -> dict:
-        return dict(self.config)
+    def stop(self) -> None:
+        """Stop the child (frees its memory, GPU included); the next request starts a new one."""
+        if self.state == "closed":
+            return
+        self._fail_all(EngineStopped("the MedSAM2 engine was stopped"))
+        self._stop_child(timeout=5.0)
+        self.state, self.stopped_reason = "stopped", ""
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the child and wait for it to exit (killed after `timeout`); requests in flight fail."""
         if self.state == "closed":
             return
-        # closing our end of the socket is the child's signal to exit
         self._fail_all(EngineStopped("the MedSAM2 engine was closed"))
-        self._teardown(timeout)
+        self._stop_child(timeout)
         self.state = "closed"
 
-    def _teardown(self, timeout: float = 2.0) -> None:
-        for s in (self._sock, self._listener):
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-        if self._hello is not None:
-            self._hello[0].close()
-            self._hello = None
-        self._sock = self._listener = None
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self._stderr_path:
-            try:
-                os.unlink(self._stderr_path)
-            except OSError:
-                pass
-            self._stderr_path = None
-        self._outbox.clear()
+    def close_sessions(self) -> None:
+        """Close every session in the child and free what they held; the model stays loaded."""
+        if self.running:
+            self.request("close_all", {})
+
+    def _stop_child(self, timeout: float = 2.0) -> None:
+        child, self._child = self._child, None
+        if child is not None:
+            child.stop(timeout)
 
     def _child_stopped(self, reason: str) -> None:
         """The child went away by itself: fail what it owed, and say why (with its last words)."""
-        code = self._proc.poll() if self._proc is not None else None
-        tail = ""
-        if self._stderr_path:
-            try:
-                with open(self._stderr_path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(self._stderr_path) - 2000))
-                    tail = f.read().decode("utf-8", "replace").strip()
-            except OSError:
-                pass
+        code = self._child.proc.poll() if self._child is not None else None
+        tail = self._child.last_words() if self._child is not None else ""
         what = f"exit code {code}" if code is not None else reason
         self.stopped_reason = f"The MedSAM2 engine process stopped unexpectedly ({what})."
         log.error("%s%s", self.stopped_reason, f"\n{tail}" if tail else "")
         self._fail_all(EngineStopped(self.stopped_reason + " Your next action restarts it."))
         self.state = "failed"
-        self._teardown(timeout=0.5)
+        self._stop_child(timeout=0.5)
 
     # -- requests ------------------------------------------------------------------------------
-    def _next_id(self) -> int:
-        self._ids += 1
-        return self._ids
-
-    def _ensure_started(self) -> None:
-        """A stopped or failed engine starts a child; a closed one refuses."""
-        if self.state in ("stopped", "failed", "closed"):
+    def request(self, op: str, fields: dict, payload=b"", stream: bool = False) -> Request:
+        """Send one request to the child (starting it if needed); returns at once."""
+        if op != "start" and self.state in ("stopped", "failed", "closed"):
             self.start()
-
-    def _request(self, op, fields, payload=b"", stream=False) -> Request:
-        if op != "start":
-            self._ensure_started()
         request = Request(op, stream, on_cancel=self._cancel)
-        request.id = self._next_id()
+        self._ids += 1
+        request.id = self._ids
         self._requests[request.id] = request
-        self._send({"id": request.id, "op": op, **fields}, payload)
+        self._child.send({"id": request.id, "op": op, **fields}, payload)
         return request
 
     def _cancel(self, request: Request) -> None:
-        if request.id in self._requests:
-            self._send({"op": "cancel", "target": request.id})
-
-    def _send(self, header, payload=b"") -> None:
-        """Queue a message; poll() writes it once the child is connected (a volume in slabs)."""
-        self._outbox.append(channel.frame_head(header, len(payload)))
-        if len(payload):
-            self._outbox.append(payload)
+        if request.id in self._requests and self._child is not None:
+            self._child.send({"op": "cancel", "target": request.id})
 
     def open(self, frames: np.ndarray, memory: str = "self-sorting", window=None, image_set: bool = False
-             ) -> EngineSession:
+             ) -> ChildSession:
         """Open an engine session on `frames` (slices, rows, cols); returns at once. Requests on the
         session may be made right away: the child runs them in order after the open."""
-        self._ensure_started()
+        if self.state in ("stopped", "failed", "closed"):
+            self.start()
         self._handles += 1
         frames = np.asarray(frames)
-        handle = EngineSession(self, self._handles, frames.shape[0], frames.shape[1:])
+        handle = ChildSession(self, self._handles, frames.shape[0], frames.shape[1:])
         header = {"handle": handle.handle, "memory": memory, "image_set": bool(image_set),
                   "window": None if window is None else [float(window[0]), float(window[1])],
                   "array": {"dtype": frames.dtype.str, "shape": list(frames.shape)}}
-        handle.opened = self._request("open", header, FramePayload(frames))
+        handle.opened = self.request("open", header, FramePayload(frames))
         return handle
 
     # -- the main-thread pump ------------------------------------------------------------------
     def poll(self, budget_s: float = 0.01) -> int:
         """Move bytes both ways and deliver replies, within about `budget_s`; never blocks.
         Returns how many messages were delivered."""
-        if self._proc is None or self.state == "closed":
+        child = self._child
+        if child is None or self.state == "closed":
             return 0
-        if self._sock is None:
-            self._accept()
-            if self._sock is None:
-                return 0
         deadline = time.monotonic() + budget_s
         try:
-            self._flush()
-            received = 0
-            while received < RECV_BUDGET:
-                try:
-                    data = self._sock.recv(1 << 20)
-                except (BlockingIOError, InterruptedError):
-                    break
-                if not data:
-                    self._child_stopped("its connection closed")
-                    return 0
-                received += len(data)
-                self._reader.feed(data)
-        except (ConnectionError, OSError) as exc:
-            if self._proc is not None:
-                self._child_stopped(f"connection lost: {exc}")
-            return 0
-        except channel.ChannelError as exc:
+            if not child.pump():
+                return 0
+        except ChildGone as exc:
             self._child_stopped(str(exc))
             return 0
         delivered = 0
         while time.monotonic() < deadline or delivered == 0:
-            message = self._reader.pop()
+            message = child.reader.pop()
             if message is None:
                 break
             self._deliver(*message)
             delivered += 1
-        if self._proc is not None and self._proc.poll() is not None and not self._reader.pending():
+        if self._child is child and child.exited():
             self._child_stopped("it exited")
         return delivered
-
-    def _accept(self) -> None:
-        """Take the child's connection and its hello, without blocking: over as many polls as it takes."""
-        if self._proc.poll() is not None:
-            self._child_stopped("it exited while starting")
-            return
-        if self._hello is None:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                if time.monotonic() - self._spawned_at > STARTUP_TIMEOUT_S:
-                    self._child_stopped(f"it did not connect within {STARTUP_TIMEOUT_S:.0f} s")
-                return
-            sock.setblocking(False)
-            self._hello = (sock, channel.MessageReader())
-        sock, reader = self._hello
-        try:
-            while reader.pending() == 0:
-                data = sock.recv(4096)
-                if not data:
-                    raise OSError("closed before saying hello")
-                reader.feed(data)
-        except (BlockingIOError, InterruptedError):
-            return  # the rest of the hello comes with a later poll
-        except (OSError, channel.ChannelError):
-            sock.close()
-            self._hello = None
-            return
-        self._hello = None
-        hello, _ = reader.pop()
-        if hello.get("type") != "hello" or not hmac.compare_digest(str(hello.get("key", "")), self._key):
-            sock.close()  # not our child: keep listening for it
-            return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self._reader = reader  # anything the child sent after its hello is already in there
-        self._listener.close()
-        self._listener = None
-
-    def _flush(self) -> None:
-        sent = 0
-        while self._outbox and sent < SEND_BUDGET:
-            chunk = self._outbox[0]
-            if isinstance(chunk, FramePayload):
-                piece = chunk.next_piece()
-                if piece is None:
-                    self._outbox.popleft()
-                    continue
-                self._outbox.appendleft(piece)
-                continue
-            if not len(chunk):
-                self._outbox.popleft()
-                continue
-            try:
-                n = self._sock.send(chunk)
-            except (BlockingIOError, InterruptedError):
-                return
-            sent += n
-            if n < len(chunk):
-                self._outbox[0] = memoryview(chunk)[n:]
-                return
-            self._outbox.popleft()
 
     def _deliver(self, header: dict, payload: bytes) -> None:
         kind = header.get("type")
@@ -432,12 +284,13 @@ class LocalEngine:
             return
         del self._requests[request.id]
         if kind == "done":
-            request.finish(_decode(request.op, header.get("value"), payload))
+            value = _decode(request.op, header.get("value"), payload)
+            request.finish(value, cancelled=bool(isinstance(value, dict) and value.get("cancelled")))
             if request.op == "start":
                 self._ready(request)
         else:
             error = _error_from(header, self.checkpoint_way)
-            request.finish(error=error)
+            request.finish(error=error, cancelled=bool(header.get("cancelled")))
             if request.op == "start":
                 self.state = "failed"
                 self.stopped_reason = ""
@@ -454,8 +307,8 @@ class LocalEngine:
                 "Settings, or allow_random_weights=True.)")
             self._fail_all(error)
             self.state = "failed"
-            self._teardown()
-            request.error = error
+            self._stop_child()
+            request.error, request.outcome = error, "failed"
             return
         self.state = "ready"
 
@@ -464,10 +317,6 @@ class LocalEngine:
         for request in requests.values():
             if not request.done:
                 request.finish(error=error)
-
-    def describe(self) -> str:
-        c = self.config
-        return f"{c['model']} ({c.get('checkpoint') or 'registry download'}, device {c.get('device')})"
 
     # -- blocking helpers (scripts and tests; never from a GUI's main thread) -------------------
     def wait(self, request: Request, timeout: float | None = None) -> Request:
@@ -482,7 +331,8 @@ class LocalEngine:
 
     def wait_ready(self, timeout: float | None = None) -> dict:
         """Start the child if needed and wait until the model is loaded; returns its info."""
-        self._ensure_started()
+        if self.state in ("stopped", "failed", "closed"):
+            self.start()
         start = next((r for r in self._requests.values() if r.op == "start"), None)
         if start is not None:
             self.wait(start, timeout)
@@ -492,44 +342,32 @@ class LocalEngine:
         return self.info
 
 
-class RemoteEngine(LocalEngine):
+class LocalEngine(ChildEngine):
+    """The engine in a child process on this machine: the model loads there, and runs there.
+
+    model, checkpoint, device, image_size, precision: as `medsam2.load_model` (checkpoint None = the
+    registry's verified, cached download, with progress). Other arguments: ChildEngine's.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | None = None, device: str = "auto",
+                 image_size: int | None = None, precision: str = "auto", allow_random_weights: bool = False,
+                 python: str | None = None, checkpoint_way: str | None = None):
+        target = LocalTarget(model, str(checkpoint) if checkpoint else None, device, image_size or None, precision)
+        super().__init__(target, allow_random_weights, python, checkpoint_way)
+
+
+class RemoteEngine(ChildEngine):
     """The engine on a `medsam2 serve` server: the child runs only the client (no torch needed)."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, allow_random_weights: bool = False,
                  python: str | None = None):
-        super().__init__(allow_random_weights=allow_random_weights, python=python)
-        self.config = {"mode": "remote", "url": url, "token": token or None, "timeout": float(timeout)}
-
-    def describe(self) -> str:
-        return f"the server at {self.config['url']}"
-
-
-class FramePayload:
-    """A volume's frames as message payload, copied out a slab at a time while being sent, so
-    no single poll copies or writes the whole volume."""
-
-    def __init__(self, frames: np.ndarray):
-        self.frames = frames
-        self.nbytes = int(frames.nbytes)
-        per_frame = max(1, int(np.prod(frames.shape[1:])) * frames.dtype.itemsize)
-        self.step = max(1, CHUNK // per_frame)
-        self._next = 0
-
-    def __len__(self):
-        return self.nbytes
-
-    def next_piece(self):
-        if self._next >= self.frames.shape[0]:
-            return None
-        slab = np.ascontiguousarray(self.frames[self._next:self._next + self.step])
-        self._next += self.step
-        return memoryview(slab).cast("B")
+        super().__init__(RemoteTarget(url, token or None, float(timeout)), allow_random_weights, python)
 
 
 def _decode(op: str, value, payload: bytes):
-    """A reply's value as the in-process engine gives it (masks unpacked, arrays rebuilt)."""
+    """A reply's value as the in-process engine gives it (a mask stays packed until used)."""
     if op == "add_prompt":
-        return unpack_mask(payload, value["shape"])
+        return PackedMask(value["shape"], payload)
     if op == "masks":
         return channel.array_from(value["array"], payload).copy()
     return value
@@ -547,6 +385,8 @@ def _error_from(header: dict, checkpoint_way: str | None = None) -> Exception:
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.MedSAM2Error):
         return cls(message)
+    if header.get("cancelled"):
+        return errors.Cancelled(message)
     if kind == "ValueError":
         return ValueError(message)
     return RuntimeError(f"MedSAM2 engine error ({kind}): {message}")

@@ -8,6 +8,7 @@ the versions the engine was tested with.
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import re
@@ -40,12 +41,10 @@ REQUIREMENTS = (
     Requirement("iopath", "iopath", "iopath==0.1.10", minimum="0.1.10", needed_for=("local",)),
     Requirement("pillow", "PIL", "pillow==11.1.0", minimum="9.4.0", needed_for=("local",)),
     Requirement("platformdirs", "platformdirs", "platformdirs==4.3.6", minimum="3.0"),
-    # the engine runs in a child process in both modes, spoken to with the project's HTTP client;
-    # locally that child also runs the project's server (FastAPI + uvicorn) on loopback
-    Requirement("httpx", "httpx", "httpx==0.29.0", minimum="0.27"),
+    # the engine runs in a child process in both modes; locally it holds the model itself, remotely
+    # the project's HTTP client (httpx) of a server; zstandard packs masks for either wire
+    Requirement("httpx", "httpx", "httpx==0.29.0", minimum="0.27", needed_for=("remote",)),
     Requirement("zstandard", "zstandard", "zstandard==0.25.0", minimum="0.22"),
-    Requirement("fastapi", "fastapi", "fastapi==0.165.0", minimum="0.110", needed_for=("local",)),
-    Requirement("uvicorn", "uvicorn", "uvicorn==0.55.0", minimum="0.29", needed_for=("local",)),
     Requirement("setuptools", "setuptools", "setuptools>=64", minimum="64", needed_for=("local",), build_tool=True),
     Requirement("wheel", "wheel", "wheel>=0.37", minimum="0.37", needed_for=("local",), build_tool=True),
     Requirement("sam2", "sam2", "sam2==1.1.0", minimum="1.1.0",
@@ -149,17 +148,25 @@ def install(requirements, pip_install, on_step=None):
     importlib.invalidate_caches()
 
 
-def importable(mode="local"):
-    """None if the engine's imports work now; else the error text (a restart may be needed)."""
-    modules = ["httpx", "zstandard"]
-    if mode == "local":
-        modules += ["torch", "sam2.sam2_video_predictor", "hydra", "iopath", "fastapi", "uvicorn"]
-    for name in modules:
+def present(mode="local"):
+    """None if every package the engine's child imports is there; else what is missing.
+
+    Only looks (importlib.util.find_spec on top-level names, which imports nothing): the engine runs
+    in its child process, so importing torch or sam2 here would freeze Slicer's main thread for
+    seconds and load gigabytes it never uses. A package that is there but fails to import is
+    reported by the child when it starts."""
+    names = [r.module for r in REQUIREMENTS if mode in r.needed_for and not r.build_tool]
+    names += ["torch"] if mode == "local" else []
+    importlib.invalidate_caches()  # packages pip installed a moment ago are seen
+    lacking = []
+    for name in names:
         try:
-            importlib.import_module(name)
-        except Exception as exc:  # a half-loaded binary module raises more than ImportError
-            return f"{name}: {exc}"
-    return None
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken entry in sys.modules
+            found = False
+        if not found:
+            lacking.append(name)
+    return f"not found: {', '.join(lacking)}" if lacking else None
 
 
 def python_problem(version_info=None):

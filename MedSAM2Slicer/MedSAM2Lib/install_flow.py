@@ -33,13 +33,13 @@ def ensure_installed(mode: str, ui: InstallUI, force_dialog: bool = False,
         return False
     plan = install.describe_plan(mode, version_of)
     if not plan:
-        problem = install.importable(mode)
+        problem = install.present(mode)  # looks without importing: the engine's child imports them
         if problem is None:
             if force_dialog:
                 ui.inform("Everything MedSAM2 needs is installed.")
             return True
-        ui.offer_restart(f"MedSAM2's packages are installed but cannot be loaded yet ({problem}). Slicer needs a "
-                         "restart to load them.")
+        ui.offer_restart(f"MedSAM2's packages are installed but cannot be found yet ({problem}). Slicer needs a "
+                         "restart to see them.")
         return False
     text = ("MedSAM2 needs these Python packages in Slicer (a few GB with PyTorch; needs network; may take several "
             "minutes):\n\n" + "\n".join(plan) + "\n\nInstall now?")
@@ -58,9 +58,9 @@ def ensure_installed(mode: str, ui: InstallUI, force_dialog: bool = False,
         if not own_dialog:
             ui.error(str(exc), "MedSAM2: installation failed")
         return False
-    problem = install.importable(mode)
+    problem = install.present(mode)
     if problem is not None:
-        ui.offer_restart(f"Installation finished, but Slicer must restart to load the packages ({problem}).")
+        ui.offer_restart(f"Installation finished, but Slicer must restart to find the packages ({problem}).")
         return False
     ui.status("MedSAM2: packages installed.")
     return True

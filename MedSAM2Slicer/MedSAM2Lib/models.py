@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from medsam2.errors import InputError
 from medsam2.options import DEFAULT_MODEL, DEVICES
@@ -20,6 +20,11 @@ class ModelSettings:
     server_url: str = ""       # set: run on a MedSAM2 server instead of on this machine
     token: str = ""
     allow_random: bool = False  # random test weights allowed (Slicer developer mode only)
+    idle_unload_minutes: float = 30.0  # unload the model after this long unused (0: never)
+
+    def same_engine(self, other: "ModelSettings") -> bool:
+        """Whether `other` needs no new engine (only the idle time differs)."""
+        return replace(self, idle_unload_minutes=0.0) == replace(other, idle_unload_minutes=0.0)
 
     def describe(self) -> str:
         if self.server_url:
@@ -27,6 +32,8 @@ class ModelSettings:
         return f"{self.name} ({self.checkpoint or 'registry download'}, device {self.device})"
 
     def check(self) -> None:
+        if not self.idle_unload_minutes >= 0:
+            raise InputError(f"Unload after idle must be 0 (never) or more minutes; got {self.idle_unload_minutes!r}.")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise InputError(f"Device must be one of {', '.join(DEVICES)} (or cuda:N); got {self.device!r}.")
 

@@ -3,9 +3,16 @@
 Both are scene state, so they live here (no Qt): a shell turns a tool on and off; these make sure
 the nodes are never saved with the scene (their display nodes neither) and that the user's own
 place-mode settings come back when a tool is turned off.
+
+Slicer's Markups logic makes every markups node added to the scene the active place node
+(vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded -> SetActiveListID). Our nodes are display-only, so
+adding one must not take placement from the user's node, nor from "MedSAM2 points" while a tool
+is on: `_placement_kept` puts the selection node's active place node and class back.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -22,6 +29,35 @@ def _not_saved(node) -> None:
             display.SetSaveWithScene(False)
 
 
+def selection_node(scene):
+    """The scene's selection node (Slicer's application logic adds it as a singleton)."""
+    node = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    return node if node is not None else scene.GetFirstNodeByClass("vtkMRMLSelectionNode")
+
+
+def set_active_place(selection, node_id, class_name) -> None:
+    """Set the active place node and class with the Reference setters, which fire the events the
+    Markups toolbar and logic follow (the plain setters only mark the node modified)."""
+    if selection.GetActivePlaceNodeClassName() != class_name:
+        selection.SetReferenceActivePlaceNodeClassName(class_name)
+    if selection.GetActivePlaceNodeID() != node_id:
+        selection.SetReferenceActivePlaceNodeID(node_id)
+
+
+@contextmanager
+def _placement_kept(scene):
+    """Add nodes inside this block: the active place node and class stay as they were."""
+    selection = selection_node(scene)
+    if selection is None:
+        yield
+        return
+    saved = (selection.GetActivePlaceNodeID(), selection.GetActivePlaceNodeClassName())
+    try:
+        yield
+    finally:
+        set_active_place(selection, *saved)
+
+
 class PromptNodes:
     """The "MedSAM2 points" markups node (include points selected/green, exclude red) and box ROIs."""
 
@@ -34,8 +70,9 @@ class PromptNodes:
         node = self._nodes.get(kind)
         if node is not None and node.GetScene() is self.scene:
             return node
-        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"MedSAM2 {kind}")
-        node.CreateDefaultDisplayNodes()
+        with _placement_kept(self.scene):
+            node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"MedSAM2 {kind}")
+            node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         display.SetSelectedColor(*INCLUDE_COLOR)
         display.SetColor(*EXCLUDE_COLOR)
@@ -53,8 +90,9 @@ class PromptNodes:
         a, b, n = np.asarray(ras_a, float), np.asarray(ras_b, float), np.asarray(normal, float)
         n = n / np.linalg.norm(n)
         b = b - np.dot(b - a, n) * n
-        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSAM2 box")
-        roi.CreateDefaultDisplayNodes()
+        with _placement_kept(self.scene):  # the next click still goes to "MedSAM2 points"
+            roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "MedSAM2 box")
+            roi.CreateDefaultDisplayNodes()
         _not_saved(roi)
         roi.SetXYZ(*((a + b) / 2))
         roi.SetRadiusXYZ(*np.maximum(np.abs(b - a) / 2, 0.5))
@@ -67,7 +105,8 @@ class PlacementState:
 
     Turning a tool on makes every click place a point in "MedSAM2 points" (persistent place mode,
     our node active). Without restoring, later clicks of the Markups toolbar would keep landing in
-    MedSAM2's node and place mode would stay persistent.
+    MedSAM2's node (not saved with the scene) and place mode would stay persistent. begin() saves
+    the user's state as it is when the tool turns on; PromptNodes never changes it by adding a node.
     """
 
     def __init__(self, interaction_node, selection_node):
@@ -82,8 +121,7 @@ class PlacementState:
         if self._saved is None:
             self._saved = (self.interaction.GetPlaceModePersistence(), self.selection.GetActivePlaceNodeID(),
                            self.selection.GetActivePlaceNodeClassName())
-        self.selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
-        self.selection.SetActivePlaceNodeID(node.GetID())
+        set_active_place(self.selection, node.GetID(), node.GetClassName())
         self.interaction.SetPlaceModePersistence(1)
         self.interaction.SetCurrentInteractionMode(self.interaction.Place)
 
@@ -96,11 +134,10 @@ class PlacementState:
         if self.interaction.GetCurrentInteractionMode() == self.interaction.Place:
             self.interaction.SetCurrentInteractionMode(self.interaction.ViewTransform)
         self.interaction.SetPlaceModePersistence(persistence)
-        if class_name:
-            self.selection.SetReferenceActivePlaceNodeClassName(class_name)
-        self.selection.SetActivePlaceNodeID(node_id)
+        set_active_place(self.selection, node_id, class_name)
 
     def ours(self, nodes) -> bool:
         """Whether place mode is on and places into one of `nodes`."""
         placing = self.interaction.GetCurrentInteractionMode() == self.interaction.Place
         return placing and self.selection.GetActivePlaceNodeID() in {n.GetID() for n in nodes}
+

@@ -15,6 +15,16 @@ import time
 AXIAL = (0.0, 0.0, 1.0)
 
 
+def skip_reason() -> str | None:
+    """Why the self-test cannot run in this Slicer (too old, or the engine's packages not installed,
+    as on the Extensions Index build machines, which have no torch); None when it can. Looks for
+    the packages without importing them."""
+    from . import install
+
+    problem = install.python_problem() or install.present("local")
+    return f"MedSAM2 engine not installed here ({problem}): test skipped" if problem else None
+
+
 def run_self_test(scene, volume_node, say=print, timeout: float = 600.0) -> None:
     """Raises AssertionError (or the engine's error) when something does not work."""
     from medsam2.testing import write_random_checkpoint

@@ -30,10 +30,13 @@ import numpy as np
 
 from medsam2.errors import InputError
 
-from .actions import AxisState, Prompt, pack, unpack
+from medsam2.prompt import Prompt
+
+from .actions import OBJ_ID, AxisState, pack, unpack
+from .engine_api import Engine
 from .engine_inprocess import InProcessEngine
 from .geometry import AXIS_NAMES, VolumeGeometry
-from .jobs import FINISHED, PromptJob, PropagationJob
+from .jobs import FINISHED, JobContext, PromptJob, PropagationJob
 from .segment_io import SegmentFrames
 from .volume import display_window, volume_array
 
@@ -42,11 +45,10 @@ MAX_UNDO = 200
 POLL_BUDGET_S = 0.025  # what one poll() may spend writing slices (a 40 ms timer stays smooth)
 
 
-def as_engine(engine_or_model):
-    """An engine (engine_api.py) as it is, or a model loaded in this process wrapped as one."""
-    if hasattr(engine_or_model, "poll") and hasattr(engine_or_model, "wait"):
-        return engine_or_model
-    return InProcessEngine(engine_or_model)
+def as_engine(engine_or_model) -> Engine:
+    """An engine (engine_api.Engine) as it is, or a model loaded in this process (a medsam2 Model
+    or RemoteModel) wrapped as one."""
+    return engine_or_model if isinstance(engine_or_model, Engine) else InProcessEngine(engine_or_model)
 
 
 class SegmentationSession:
@@ -77,6 +79,7 @@ class SegmentationSession:
         self.window = tuple(float(v) for v in window) if window is not None else display_window(volumeNode)
         self._array = volume_array(volumeNode)
         self._segment = SegmentFrames(segmentationNode, segmentId, self.geometry)
+        self._context = JobContext(engine_session=self._engine_for, segment=self._segment, record=self._push)
         self._axes: dict = {}
         self._last_axis = None
         self._undo: list = []
@@ -97,12 +100,16 @@ class SegmentationSession:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None or bool(self._queue)
+        return self._running is not None or any(not j.done for j in self._queue)
 
     @property
     def current_job(self):
         """The job the engine is working on (None when idle)."""
         return self._running
+
+    def jobs(self) -> list:
+        """The running job and the queued ones, in order."""
+        return [j for j in (self._running, *self._queue) if j is not None and not j.done]
 
     def redoable(self, action) -> bool:
         return any(a is action for a in self._redo)
@@ -151,7 +158,7 @@ class SegmentationSession:
 
     def _enqueue(self, job):
         self._queue.append(job)
-        if self._running is None and not getattr(self.engine, "computes_in_call", False):
+        if self._running is None and not self.engine.computes_in_call:
             # an engine elsewhere: send the requests now rather than at the next timer tick (a
             # click's mask comes back one tick sooner); nothing is written here, only in poll()
             self._start_next()
@@ -159,30 +166,30 @@ class SegmentationSession:
         return job
 
     def _start_next(self):
-        job = self._running = self._queue.popleft()
-        try:
-            job.start()
-        except Exception as exc:  # e.g. the segment was deleted, the engine was closed
-            job._finish(exc)
-        return job
-
-    def _dequeue(self, job):
-        try:
-            self._queue.remove(job)
-        except ValueError:
-            pass
+        """Start the next queued job (jobs cancelled while queued are dropped); None if none."""
+        while self._queue:
+            job = self._queue.popleft()
+            if job.done:
+                continue
+            self._running = job
+            try:
+                job.start()
+            except Exception as exc:  # e.g. the segment was deleted, the engine was closed
+                job.finish(exc)
+            return job
+        return None
 
     def _prompt_job(self, kind, prompt, layout, slice_normal, write_result=True) -> PromptJob:
         self._check_open()
         self._segment.segment()  # the segment may have been deleted meanwhile
         state = self._state(layout, slice_normal)
         self._last_axis = layout.axis
-        return self._enqueue(PromptJob(self, state, kind, prompt, write_result))
+        return self._enqueue(PromptJob(self._context, state, kind, prompt, write_result))
 
     def submit_point(self, ras, include: bool = True, slice_normal=(0, 0, 1)) -> PromptJob:
         """Include (or exclude) point at RAS `ras` in the view with this normal; returns at once."""
         layout, frame, x, y = self.geometry.locate(ras, slice_normal)
-        prompt = Prompt(frame, points=((x, y),), labels=(1 if include else 0,))
+        prompt = Prompt.make(frame, OBJ_ID, points=((x, y),), labels=(1 if include else 0,))
         return self._prompt_job("point", prompt, layout, slice_normal)
 
     def submit_box(self, ras_a, ras_b, slice_normal=(0, 0, 1)) -> PromptJob:
@@ -194,7 +201,7 @@ class SegmentationSession:
                              "box within one slice.")
         if abs(xa - xb) < 1 and abs(ya - yb) < 1:
             raise InputError("The box is smaller than a voxel; drag out a box around the structure.")
-        prompt = Prompt(frame_a, box=(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
+        prompt = Prompt.make(frame_a, OBJ_ID, box=(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
         return self._prompt_job("box", prompt, layout, slice_normal)
 
     def submit_edited_slice(self, ras, slice_normal=(0, 0, 1)) -> PromptJob:
@@ -204,7 +211,7 @@ class SegmentationSession:
         if not current.any():
             raise InputError(f"Segment '{self.segment_id}' is empty on this slice ({frame}); paint it in Segment "
                              "Editor first, or place a point or box instead.")
-        return self._prompt_job("edited slice", Prompt(frame, mask=pack(current)), layout, slice_normal,
+        return self._prompt_job("edited slice", Prompt.make(frame, OBJ_ID, mask=pack(current)), layout, slice_normal,
                                 write_result=False)
 
     def submit_propagate(self, direction: str = "both", start=None, slice_range=None,
@@ -251,11 +258,12 @@ class SegmentationSession:
 
             total, steps_total = n, total_steps((n, *state.layout.frame_shape))
         self._last_axis = axis
-        return self._enqueue(PropagationJob(self, state, direction, start, stop, total, steps_total))
+        return self._enqueue(PropagationJob(self._context, state, direction, start, stop, total, steps_total,
+                                            self.axes))
 
     def _prompted_frames(self, state) -> list:
         """Frames with prompts, counting prompts still waiting in the queue."""
-        queued = {j.frame for j in self._queue if isinstance(j, PromptJob) and j.state is state}
+        queued = {j.frame for j in self._queue if isinstance(j, PromptJob) and j.state is state and not j.done}
         return sorted(set(state.prompted_frames()) | queued)
 
     # --- the main-thread pump ---------------------------------------------------------------
@@ -266,15 +274,14 @@ class SegmentationSession:
         self.engine.poll(min(0.01, budget_s / 3))
         finished = []
         while True:
-            job = self._running
+            job = self._running or self._start_next()
             if job is None:
-                if not self._queue:
-                    break
-                job = self._start_next()
-            if job.status == FINISHED or job.step(deadline):
-                opened = getattr(job.state.engine, "opened", None)
-                if opened is not None and opened.error is not None:
-                    job.state.engine = None  # it never opened: the next job tries again
+                break
+            try:
+                ended = job.status == FINISHED or job.step(deadline)
+            except Exception as exc:  # segment deleted, converted or regridded mid-job: end it once
+                ended = job.abandon(exc)
+            if ended:
                 finished.append(job)
                 self._running = None
                 if time.monotonic() < deadline:
@@ -286,7 +293,7 @@ class SegmentationSession:
         """The axis's engine session, (re)opened with every prompt replayed when needed."""
         if state.engine is not None and not state.engine.alive:
             n = sum(len(p) for p in state.prompts.values())
-            self.notices.append(f"{getattr(self.engine, 'stopped_reason', '') or 'The MedSAM2 engine was restarted.'} "
+            self.notices.append(f"{self.engine.stopped_reason or 'The MedSAM2 engine was restarted.'} "
                                 f"It was restarted, and segment '{self.segment_id}' got its {n} prompt(s) back.")
             state.engine = None
         if state.engine is None:
@@ -311,7 +318,7 @@ class SegmentationSession:
                 self.poll(0.05)
                 if on_step is not None:
                     on_step(job)
-                if not job.done and before == job.status and not getattr(job, "written", None):
+                if not job.done and before == job.status and not job.written:
                     time.sleep(0.002)
         finally:
             if not job.done:  # interrupted: leave nothing running behind the caller's back
@@ -396,10 +403,10 @@ class SegmentationSession:
             job.discard = True
             job.cancel()
             deadline = time.monotonic() + timeout
-            while wait and not all(r.done for r in job._requests) and time.monotonic() < deadline:
+            while wait and not job.settled and time.monotonic() < deadline:
                 if self.engine.poll(0.05) == 0:
                     time.sleep(0.005)
-            job._finish()
+            job.finish()
             self._running = None
         for state in self._axes.values():
             engine, state.engine = state.engine, None

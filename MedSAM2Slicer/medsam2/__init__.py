@@ -9,7 +9,7 @@ import sys
 import warnings
 from importlib import import_module
 
-from .errors import CheckpointError, InputError, MedSAM2Error, ServerError, SessionExpired
+from .errors import Cancelled, CheckpointError, InputError, MedSAM2Error, ServerError, SessionExpired, SetupError
 
 __version__ = "0.1.0"
 
@@ -35,7 +35,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "CheckpointError", "InputError", "MedSAM2Error", "ServerError", "SessionExpired",
+    "Cancelled", "CheckpointError", "InputError", "MedSAM2Error", "ServerError", "SessionExpired", "SetupError",
     "__version__", *_LAZY,
 ]
 

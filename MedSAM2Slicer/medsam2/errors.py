@@ -22,3 +22,11 @@ class ServerError(MedSAM2Error):
 
 class SessionExpired(ServerError):
     """The server no longer knows this session (restart or idle TTL); re-open it."""
+
+
+class SetupError(MedSAM2Error):
+    """A package the engine needs is missing or broken in this Python (e.g. torch or sam2)."""
+
+
+class Cancelled(MedSAM2Error):
+    """The request was cancelled on purpose (by the user): an outcome, not a failure."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from ..errors import CheckpointError, InputError
+from ..errors import Cancelled, CheckpointError, InputError
 from ..io.files import atomic_output
 from .registry import ModelSpec, get_spec
 
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1 << 20
 PINS_FILE = "pins.json"
 _ENV = "MEDSAM2_CACHE_DIR"
+
+
+class DownloadCancelled(Cancelled, CheckpointError):
+    """The user cancelled a download (the part already fetched is kept to resume)."""
 
 
 class CheckpointUnavailable(CheckpointError):
@@ -286,7 +290,7 @@ def _fetch(spec, url, part: Path, *, progress, cancel, on_progress, chunk_size, 
             with open(part, mode) as f:
                 while True:
                     if cancel is not None and cancel.is_set():
-                        raise CheckpointError(
+                        raise DownloadCancelled(
                             f"download cancelled: {done} of {total or '?'} bytes of "
                             f"{spec.filename} kept in {part}; download again to resume"
                         )
@@ -357,7 +361,7 @@ def _exclusive(lock_path: Path, cancel, what):
         told = False
         while not _try_lock(handle):
             if cancel is not None and cancel.is_set():
-                raise CheckpointError("download cancelled")
+                raise DownloadCancelled("download cancelled")
             if not told:
                 log.warning("another process is downloading %s; waiting for it", what)
                 told = True

@@ -2,15 +2,18 @@
 
 An application whose main thread must stay responsive (3D Slicer keeps Python's GIL on its main
 thread, so its Python threads starve) starts this process, and talks to it over one loopback
-socket in framed messages (channel.py), reading replies without blocking. The agent does every
-engine call through the project's own client (`medsam2.connect`):
+socket in framed messages (channel.py), reading replies without blocking. The agent holds an
+engine and calls its sessions directly:
 
-- local: it loads the model, serves it with the project's own server (`medsam2 serve`'s app) on
-  127.0.0.1, a free port and a random token, in this process, and connects to it;
-- remote: it connects to a `medsam2 serve` server at a URL.
+- local: the model loaded in this process (`medsam2.load_model`); the agent opens no socket of
+  its own, it only connects to its parent;
+- remote: the client of a `medsam2 serve` server (`medsam2.connect`), whose sessions offer the
+  same calls.
 
-So local and remote are one code path. The agent exits when its parent's socket closes (the
-parent exited or was killed) or when asked to; it never outlives the application.
+So local and remote are one code path. Prompts arrive in their one JSON form (medsam2.prompt);
+masks leave packed, once (a remote client's packed masks are passed on without unpacking). The
+agent exits when its parent's socket closes (the parent exited or was killed) or when asked to;
+it never outlives the application.
 
     python -m medsam2.remote.agent --connect 127.0.0.1:PORT      (key in $MEDSAM2_AGENT_KEY)
 """
@@ -18,28 +21,25 @@ parent exited or was killed) or when asked to; it never outlives the application
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import queue
-import secrets
 import socket
 import sys
 import threading
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 
-from ..errors import MedSAM2Error
-from ..masks import pack_mask, unpack_mask
+from ..errors import Cancelled, MedSAM2Error, SetupError
+from ..prompt import Prompt, hold_prompts
 from . import channel
 
 log = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0
-# The loopback server serves one user's application: one session per segment and view axis, kept as
-# long as the application runs, and volumes as large as the application holds. A remote server's
-# limits protect it from many users; these only keep the process sane.
-LOCAL_LIMITS = {"max_sessions": 1024, "session_ttl": 30 * 24 * 3600.0, "max_upload_mb": 65536, "max_side": 16384}
 # The engine computes on every core; the application's UI must stay first in line for the CPU
 # (its clicks and redraws are short, the engine's work is long), as for any background job.
 NICENESS = 5
@@ -85,24 +85,18 @@ class LinkLogHandler(logging.Handler):
             pass
 
 
-def _error_fields(exc: BaseException) -> dict:
-    fields = {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-              "medsam2": isinstance(exc, MedSAM2Error)}
-    if hasattr(exc, "template"):  # CheckpointUnavailable: the application words the way on itself
-        fields.update(template=exc.template, model=exc.model)
-    return fields
-
-
 class Agent:
-    """Executes the application's requests in order on one worker thread."""
+    """Executes the application's requests in order on one worker thread; in idle time, the
+    latest idle task of each kind (e.g. preparing the slice a view shows)."""
 
     def __init__(self, link: Link):
         self.link = link
-        self.model = None          # RemoteModel (the client)
-        self.server = None         # the in-process uvicorn server, local mode
-        self.sessions = {}         # handle -> RemoteSession
+        self.engine = None         # a loaded Model (local) or a RemoteModel (remote): the same session calls
+        self.sessions = {}         # handle -> the engine's session
         self.cancels = {}          # request id -> threading.Event
         self.work: queue.Queue = queue.Queue()
+        self.idle: dict[str, Callable[[], None]] = {}  # kind -> the newest task of that kind
+        self._idle_lock = threading.Lock()
         self.worker = threading.Thread(target=self._work_loop, name="medsam2-agent", daemon=True)
         self.worker.start()
 
@@ -122,46 +116,83 @@ class Agent:
         self.work.put((header, payload))
         return True
 
+    def has_work(self) -> bool:
+        """A request is waiting: idle tasks stop at their next step and let it run."""
+        return not self.work.empty()
+
+    def set_idle(self, kind: str, task: Callable[[], None] | None) -> None:
+        """Run `task` when no request waits; a newer task of the same kind replaces it."""
+        with self._idle_lock:
+            if task is None:
+                self.idle.pop(kind, None)
+            else:
+                self.idle[kind] = task
+
     # -- worker thread -------------------------------------------------------------------------
     def _work_loop(self):
         while True:
-            header, payload = self.work.get()
-            rid = header.get("id")
             try:
-                handler = getattr(self, "op_" + str(header.get("op")), None)
-                if handler is None:
-                    raise ValueError(f"unknown engine request {header.get('op')!r}")
-                result = handler(header, payload, self.cancels.get(rid))
-                value, body = result if isinstance(result, tuple) else (result, b"")
-                self.link.send({"id": rid, "type": "done", "value": value}, body)
-            except OSError:
+                header, payload = self.work.get(timeout=None if not self.idle else 0.0)
+            except queue.Empty:
+                self._run_idle()
+                continue
+            if not self._serve(header, payload):
                 return
-            except BaseException as exc:  # every failure goes back to the request that caused it
-                if not isinstance(exc, MedSAM2Error):
-                    log.exception("engine request %s failed", header.get("op"))
-                try:
-                    self.link.send({"id": rid, "type": "error", **_error_fields(exc)})
-                except OSError:
-                    return
-            finally:
-                self.cancels.pop(rid, None)
+
+    def _run_idle(self) -> None:
+        with self._idle_lock:
+            if not self.idle:
+                return
+            kind = next(iter(self.idle))
+            task = self.idle.pop(kind)
+        try:
+            task()
+        except Exception:  # idle work is an optimisation: a failure must not stop the agent
+            log.exception("idle task %s failed", kind)
+
+    def _serve(self, header: dict, payload: bytes) -> bool:
+        """Run one request and send its reply; False once the application is gone."""
+        rid = header.get("id")
+        try:
+            handler = getattr(self, "op_" + str(header.get("op")), None)
+            if handler is None:
+                raise ValueError(f"unknown engine request {header.get('op')!r}")
+            result = handler(header, payload, self.cancels.get(rid))
+            value, body = result if isinstance(result, tuple) else (result, b"")
+            self.link.send({"id": rid, "type": "done", "value": value}, body)
+        except OSError:
+            return False
+        except BaseException as exc:  # every failure goes back to the request that caused it
+            if not isinstance(exc, MedSAM2Error):
+                log.exception("engine request %s failed", header.get("op"))
+            try:
+                self.link.send({"id": rid, "type": "error", **_error_fields(exc)})
+            except OSError:
+                return False
+        finally:
+            self.cancels.pop(rid, None)
+        return True
 
     def op_start(self, header, payload, cancel):
         config = header["config"]
-        import medsam2
+        try:
+            import medsam2
 
-        if config.get("mode") == "remote":
-            self.model = medsam2.connect(config["url"], token=config.get("token") or None,
-                                         timeout=float(config.get("timeout", 300.0)))
-        else:
-            self.model = self._start_local(config, cancel)
-        info = dict(self.model.info)
-        info["weights_are_random"] = bool(getattr(self.model, "weights_are_random", False))
-        info["pid"] = os.getpid()
-        return info
+            if config.get("mode") == "remote":
+                self.engine = medsam2.connect(config["url"], token=config.get("token") or None,
+                                              timeout=float(config.get("timeout", 300.0)))
+            else:
+                self.engine = self._load_model(config, cancel)
+        except ImportError as exc:  # the application says how to install; here we say what is missing
+            raise SetupError(f"The MedSAM2 engine cannot start: {exc} in {sys.executable}. "
+                             "Install MedSAM2's Python packages (the module's Install button, or "
+                             "scripts/install.sh), then try again.") from exc
+        return {"mode": config.get("mode", "local"), "model": self.engine.name, "image_size": self.engine.image_size,
+                "device": str(self.engine.device), "weights_are_random": bool(self.engine.weights_are_random),
+                "pid": os.getpid()}
 
-    def _start_local(self, config, cancel):
-        """Load the model and serve it on loopback in this process; return a client to it."""
+    def _load_model(self, config, cancel):
+        """The model, loaded in this process (the checkpoint downloaded first if needed)."""
         import medsam2
         from ..models import checkpoints
 
@@ -177,16 +208,15 @@ class Agent:
             model = medsam2.load_model(config["model"], checkpoint=checkpoint, device=config.get("device", "auto"),
                                        image_size=config.get("image_size") or None,
                                        precision=config.get("precision", "auto"))
-        token = secrets.token_urlsafe(32)
-        self.server, url = _serve_on_loopback(model, token)
         self._status(f"Model ready: {model.name} at {model.image_size} px on {model.device}")
-        return medsam2.connect(url, token=token)
+        return model
 
     def _status(self, text):
         self.link.send({"type": "status", "text": text})
         log.info(text)
 
-    def _session(self, header):
+    def session(self, header):
+        """The engine session a request names (raises if it is not open)."""
         session = self.sessions.get(header["handle"])
         if session is None:
             raise ValueError(f"engine session {header['handle']} is not open (it failed to open, or was closed)")
@@ -196,35 +226,29 @@ class Agent:
         volume = channel.array_from(header["array"], payload)
         window = tuple(header["window"]) if header.get("window") else None
         if header.get("image_set"):
-            session = self.model.open_images(volume, memory=header["memory"], window=window)
+            session = self.engine.open_images(volume, memory=header["memory"], window=window)
         else:
-            session = self.model.open(volume, memory=header["memory"], window=window)
+            session = self.engine.open(volume, memory=header["memory"], window=window)
         self.sessions[header["handle"]] = session
         return {"num_frames": int(session.num_frames), "frame_shape": list(session.frame_shape)}
 
     def op_set_prompts(self, header, payload, cancel):
         """Make the engine hold exactly these prompts for one object on one frame (replay after
-        undo/redo or a restart): clear the frame's prompts for it, then add each in order."""
-        session = self._session(header)
-        frame, obj_id = int(header["frame"]), int(header["obj_id"])
-        if obj_id in session.obj_ids:
-            session.clear_prompts(frame, obj_id)
-        for prompt in header["prompts"]:
-            session.add_prompt(frame, obj_id=obj_id, **_prompt_kwargs(prompt, payload))
+        undo/redo or a restart)."""
+        hold_prompts(self.session(header), int(header["frame"]), int(header["obj_id"]),
+                     [Prompt.from_json(p) for p in header["prompts"]])
         return {}
 
     def op_add_prompt(self, header, payload, cancel):
-        session = self._session(header)
-        mask = session.add_prompt(int(header["frame"]), obj_id=int(header["obj_id"]),
-                                  **_prompt_kwargs(header["prompt"], payload))
-        mask = np.asarray(mask, dtype=bool)
-        return {"shape": list(mask.shape)}, pack_mask(mask).tobytes()
+        prompt = Prompt.from_json(header["prompt"])
+        mask = self.session(header).add_prompt(**prompt.arguments(), packed=True)
+        return {"shape": list(mask.shape)}, mask.bits
 
     def op_propagate(self, header, payload, cancel):
-        session = self._session(header)
+        session = self.session(header)
         stop = header.get("stop")
         kwargs = {"direction": header["direction"], "start": header.get("start"),
-                  "stop": tuple(stop) if isinstance(stop, list) else stop, "cancel": cancel}
+                  "stop": tuple(stop) if isinstance(stop, list) else stop, "cancel": cancel, "packed": True}
         if header.get("axes") == "all":
             kwargs["axes"] = "all"
         count = 0
@@ -237,7 +261,7 @@ class Agent:
         return {"frames": count, "cancelled": bool(cancel is not None and cancel.is_set())}
 
     def op_masks(self, header, payload, cancel):
-        session = self._session(header)
+        session = self.session(header)
         obj_id = header.get("obj_id")
         volume = session.masks() if obj_id is None else session.mask(int(obj_id))
         volume = np.ascontiguousarray(volume)
@@ -249,50 +273,34 @@ class Agent:
             session.close()
         return {}
 
-    def stop(self):
-        for session in list(self.sessions.values()):
+    def op_close_all(self, header, payload, cancel):
+        """Close every session and free what they held (a scene closed); the model stays loaded."""
+        self.idle.clear()
+        self.close_sessions()
+        gc.collect()  # the feature caches go with their last session
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {}
+
+    def close_sessions(self) -> None:
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
             try:
                 session.close()
-            except Exception:  # best effort: the process is about to exit
-                pass
-        if self.server is not None:
-            self.server.should_exit = True
+            except Exception:  # best effort: a remote server may be gone
+                log.warning("closing an engine session failed", exc_info=True)
+
+    def stop(self):
+        self.close_sessions()
 
 
-def _prompt_kwargs(prompt: dict, payload: bytes) -> dict:
-    kw = {}
-    if prompt.get("points") is not None:
-        kw["points"] = np.asarray(prompt["points"], dtype=float).reshape(-1, 2)
-        kw["labels"] = np.asarray(prompt["labels"], dtype=int)
-    if prompt.get("box") is not None:
-        kw["box"] = np.asarray(prompt["box"], dtype=float)
-    if prompt.get("mask") is not None:
-        start, end = prompt["mask"]["span"]
-        kw["mask"] = unpack_mask(payload[start:end], prompt["mask"]["shape"])
-    return kw
-
-
-def _serve_on_loopback(model, token):
-    """Start the project's server for `model` on 127.0.0.1 (a free port) in a daemon thread."""
-    import uvicorn
-
-    from .server import create_app
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(model, token=token, **LOCAL_LIMITS)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="medsam2-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the engine's loopback server did not start")
-        time.sleep(0.02)
-    return server, f"http://127.0.0.1:{port}"
+def _error_fields(exc: BaseException) -> dict:
+    fields = {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+              "medsam2": isinstance(exc, MedSAM2Error), "cancelled": isinstance(exc, Cancelled)}
+    if hasattr(exc, "template"):  # CheckpointUnavailable: the application words the way on itself
+        fields.update(template=exc.template, model=exc.model)
+    return fields
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -323,7 +331,7 @@ def main(argv=None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to our own server is noise
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a remote engine's requests, one line each: noise
     if os.name == "posix":
         threading.Thread(target=_watch_parent, args=(os.getppid(),), name="medsam2-parent", daemon=True).start()
 

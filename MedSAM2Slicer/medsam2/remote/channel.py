@@ -6,7 +6,8 @@ A message is a JSON header and an optional binary payload (arrays, packed masks)
 
 Standard library and numpy only: the application side (e.g. inside 3D Slicer) reads these
 without blocking, the agent with plain blocking sockets. Arrays travel raw (dtype and shape in the
-header), masks as packed bits (medsam2.masks).
+header), masks as packed bits (medsam2.masks.PackedMask), prompts in their JSON form
+(medsam2.prompt).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..masks import pack_mask, unpack_mask
+from ..masks import PackedMask
 
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 16 << 20  # a header holds a prompt's points at most; larger means a broken stream
@@ -86,22 +87,22 @@ def array_from(meta: dict, payload: bytes) -> np.ndarray:
 
 
 def masks_payload(masks: dict) -> tuple[dict, bytes]:
-    """{obj_id: bool (rows, cols)} -> header fields and one payload of packed masks, in obj order."""
+    """{obj_id: PackedMask} -> header fields and one payload of their bits, in obj order."""
     objs, shape, chunks = [], None, []
     for obj_id, mask in masks.items():
-        mask = np.asarray(mask, dtype=bool)
         if shape is None:
             shape = mask.shape
         elif mask.shape != shape:
             raise InputError(f"masks of one frame differ in shape: {shape} and {mask.shape}")
         objs.append(int(obj_id))
-        chunks.append(pack_mask(mask).tobytes())
+        chunks.append(mask.bits)
     return {"objs": objs, "shape": list(shape or ())}, b"".join(chunks)
 
 
 def masks_from(fields: dict, payload: bytes) -> dict:
+    """The inverse of masks_payload: {obj_id: PackedMask}, unpacked by whoever uses the pixels."""
     objs, shape = fields["objs"], tuple(fields["shape"])
     if not objs:
         return {}
     size = len(payload) // len(objs)
-    return {obj: unpack_mask(payload[i * size:(i + 1) * size], shape) for i, obj in enumerate(objs)}
+    return {obj: PackedMask(shape, payload[i * size:(i + 1) * size]) for i, obj in enumerate(objs)}

@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from ..errors import InputError, MedSAM2Error, ServerError, SessionExpired
-from ..masks import mask_shape_error
+from ..prompt import Prompt, as_integer, as_obj_id
 from . import wire
 from .http_errors import error_from_response
 from .mirror import MaskMirror
@@ -285,41 +285,27 @@ class RemoteSession:
         return [self._mask_shape] * self.num_frames
 
     # -- the session interface ----------------------------------------------------------------
-    def add_prompt(self, frame: int, obj_id: int = 1, points=None, labels=None, box=None, mask=None) -> np.ndarray:
-        """Add points / box / mask on `frame` for `obj_id`; returns that frame's bool mask."""
-        # Only what JSON cannot carry is checked here; the engine checks the rest, with the
-        # messages a local session gives.
-        payload = {"frame": _as_int(frame, "frame"), "obj_id": _obj_id(obj_id)}
-        if points is not None:
-            pts = np.asarray(points, dtype=np.float64)
-            if pts.ndim == 1 and pts.size == 2:
-                pts = pts[None]
-            if pts.ndim != 2:
-                raise InputError(f"points must be an (N, 2) array of (x=col, y=row); got shape {pts.shape}")
-            payload["points"] = pts.tolist()
-        if labels is not None:
-            payload["labels"] = np.asarray(labels).reshape(-1).tolist()  # ints stay ints, as in messages
-        if box is not None:
-            payload["box"] = np.asarray(box, dtype=np.float64).reshape(-1).tolist()
-        if mask is not None:
-            m = np.asarray(mask)
-            if m.ndim != 2:
-                raise mask_shape_error(m.shape, self._mask_shape)
-            payload["mask"] = wire.encode_mask(m.astype(bool))
-        return self._perform(Action(ADD_PROMPT, payload))
+    def add_prompt(self, frame: int, obj_id: int = 1, points=None, labels=None, box=None, mask=None,
+                   packed: bool = False):
+        """Add points / box / mask on `frame` for `obj_id`; returns that frame's bool mask (packed=True:
+        a PackedMask, for a caller that passes it on rather than using its pixels)."""
+        # Only what JSON cannot carry is checked here (prompt.py); the engine checks the rest, with
+        # the messages a local session gives.
+        payload = Prompt.make(frame, obj_id, points, labels, box, mask).to_json()
+        return self._decode(self._perform(Action(ADD_PROMPT, payload)), packed)
 
     def clear_prompts(self, frame: int, obj_id: int) -> None:
-        self._perform(Action(CLEAR_PROMPTS, {"frame": _as_int(frame, "frame"), "obj_id": _obj_id(obj_id)}))
+        self._perform(Action(CLEAR_PROMPTS, {"frame": as_integer(frame, "frame"), "obj_id": as_obj_id(obj_id)}))
 
     def remove_object(self, obj_id: int) -> None:
-        self._perform(Action(REMOVE_OBJECT, {"obj_id": _obj_id(obj_id)}))
+        self._perform(Action(REMOVE_OBJECT, {"obj_id": as_obj_id(obj_id)}))
 
     def reset(self) -> None:
         self._perform(Action(RESET))
 
     def mask(self, obj_id: int):
         """bool (slices, rows, cols) for one object (an image set: a list of bool (rows, cols))."""
-        response = self._call("GET", "/masks", "get mask", params={"obj_id": _obj_id(obj_id)})
+        response = self._call("GET", "/masks", "get mask", params={"obj_id": as_obj_id(obj_id)})
         return self._as_result(wire.decode_array(response.headers, response.content))
 
     def masks(self):
@@ -329,7 +315,7 @@ class RemoteSession:
 
     def frame_masks(self, frame: int) -> dict:
         """Every object's current mask on one frame: {obj_id: bool (rows, cols)}."""
-        frame = _as_int(frame, "frame")
+        frame = as_integer(frame, "frame")
         data = self._call("GET", f"/frames/{frame}", "get frame").json()["masks"]
         for obj, enc in data.items():
             self._mirror.keep(int(obj), frame, enc)
@@ -339,11 +325,12 @@ class RemoteSession:
         """Make a click on `frame` cheap (the server computes its memory-conditioned features now).
         False when the server was busy with real work and did nothing (nothing is lost: a click
         then simply computes them itself)."""
-        data = self._call("POST", "/prepare", "prepare", json={"frame": _as_int(frame, "frame")}).json()
+        data = self._call("POST", "/prepare", "prepare", json={"frame": as_integer(frame, "frame")}).json()
         return bool(data["prepared"])
 
     def propagate(self, direction: str = "both", start: int | None = None, stop=None,
-                  cancel: threading.Event | None = None, axes: str | None = None, until: str | None = None):
+                  cancel: threading.Event | None = None, axes: str | None = None, packed: bool = False,
+                  until: str | None = None):
         """Generator of (frame, {obj_id: bool mask}) as the server finishes frames.
 
         Arguments are checked at the call (as locally); frames come as they finish. cancel: a
@@ -354,24 +341,24 @@ class RemoteSession:
         why each direction stopped is `last_propagation` once the stream has ended.
         """
         payload = {"direction": direction,
-                   "start": None if start is None else _as_int(start, "start"),
+                   "start": None if start is None else as_integer(start, "start"),
                    "stop": None if stop is None else (
-                       [_as_int(v, "stop") for v in stop] if isinstance(stop, (tuple, list, np.ndarray))
-                       else _as_int(stop, "stop"))}
+                       [as_integer(v, "stop") for v in stop] if isinstance(stop, (tuple, list, np.ndarray))
+                       else as_integer(stop, "stop"))}
         if axes is not None:
             payload["axes"] = axes
         if until is not None:
             payload["until"] = until
         action = Action(PROPAGATE, payload, completed=False)
         response = self._perform(action)
-        items = self._follow(response, cancel, action)
+        items = self._follow(response, cancel, action, packed)
         weakref.finalize(items, response.close)  # a generator dropped unstarted still frees its connection
         return items
 
-    def _follow(self, response, cancel, action: Action):
+    def _follow(self, response, cancel, action: Action, packed: bool = False):
         """The caller's items, counted on the action (a replay stops where the caller did)."""
-        lines = read_propagation(response, self.model.url, cancel, self._decode_line, self._cancel_remote,
-                                 on_end=self._keep_report)
+        lines = read_propagation(response, self.model.url, cancel, lambda line: self._decode_line(line, packed),
+                                 self._cancel_remote, on_end=self._keep_report)
         try:
             while True:
                 try:
@@ -415,7 +402,7 @@ class RemoteSession:
             data = self._request("POST", "/prompts", "add prompt", json=args).json()
             self._obj_ids = [int(o) for o in data["obj_ids"]]
             self._mirror.keep(data["obj_id"], data["frame"], data["mask"])
-            return self._decode(data["mask"])
+            return data["mask"]
         if action.kind == PROPAGATE:
             return self.model.open_stream(self._path("/propagate"), args, "propagate")
         if action.kind == CLEAR_PROMPTS:
@@ -486,16 +473,18 @@ class RemoteSession:
                 self._reopen(str(exc))
             return self._request(method, tail, what, **kwargs)
 
-    def _decode(self, encoded: dict) -> np.ndarray:
+    def _decode(self, encoded: dict, packed: bool = False):
+        if packed:
+            return wire.decode_packed(encoded, self._mask_shape)
         return wire.decode_mask(encoded, self._mask_shape)
 
-    def _decode_line(self, line: dict) -> tuple:
+    def _decode_line(self, line: dict, packed: bool = False) -> tuple:
         if line["type"] == "progress":
             from ..tracking.fusion import FusionProgress  # numpy only; loaded when a fused run is asked for
 
             return FusionProgress(int(line["axis"]), int(line["frame"]), int(line["done"]), int(line["total"])), {}
         frame = int(line["frame"])
-        return frame, {int(obj): self._decode(self._mirror.resolve(int(obj), frame, enc, self._fetch_frame))
+        return frame, {int(obj): self._decode(self._mirror.resolve(int(obj), frame, enc, self._fetch_frame), packed)
                        for obj, enc in line["masks"].items()}
 
     def _keep_report(self, end_line: dict) -> None:
@@ -516,17 +505,3 @@ class RemoteSession:
 
     def _as_result(self, arr: np.ndarray):
         return list(arr) if self.is_image_set else arr
-
-
-def _as_int(value, name: str) -> int:
-    """Integers only, as the engine wants (JSON would quietly turn 3.0 into 3)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{name} must be an integer; got {value!r}")
-    return int(value)
-
-
-def _obj_id(value) -> int:
-    obj_id = _as_int(value, "obj_id")
-    if obj_id > wire.MAX_OBJ_ID:
-        raise InputError(f"obj_id {obj_id} is over {wire.MAX_OBJ_ID}: label maps store object ids as uint16")
-    return obj_id

@@ -15,7 +15,6 @@ without installing the model stack.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import re
@@ -25,7 +24,9 @@ import numpy as np
 import zstandard
 
 from ..errors import InputError
-from ..masks import mask_shape_error, pack_mask, unpack_mask
+from ..masks import (  # noqa: F401  (the mask codec lives in masks.py; its users read it here too)
+    PackedMask, decode_mask, decode_packed, encode_mask, mask_bits, mask_digest, pack_mask, unpack_mask)
+from ..prompt import MAX_OBJ_ID  # noqa: F401  (the server's schemas read it here)
 
 DTYPE_HEADER = "X-MedSAM2-Dtype"
 SHAPE_HEADER = "X-MedSAM2-Shape"
@@ -34,7 +35,6 @@ PACKED_HEADER = "X-MedSAM2-Packed"  # "1": a bool array sent as packed bits
 CODECS = ("zstd", "raw")
 
 LABEL_DTYPE = np.uint16  # label maps: value = object id
-MAX_OBJ_ID = int(np.iinfo(LABEL_DTYPE).max)
 
 # Plain numeric dtypes only: object, string or structured arrays have no business on the wire.
 _KINDS = {"b", "i", "u", "f"}
@@ -237,45 +237,3 @@ class StreamDecoder:
         return np.frombuffer(sink.buffer, dtype=self.header.dtype).reshape(self.header.shape)
 
 
-def mask_digest(packed_bytes: bytes) -> str:
-    """Short digest of a mask's packed bits: lets the server say "unchanged" instead of resending."""
-    return hashlib.blake2b(packed_bytes, digest_size=8).hexdigest()
-
-
-def mask_bits(mask) -> tuple[bytes, str]:
-    """bool (rows, cols) -> (packed bits as bytes, their digest)."""
-    packed = pack_mask(mask).tobytes()
-    return packed, mask_digest(packed)
-
-
-def encode_mask(mask, packed: bytes | None = None) -> dict:
-    """bool 2D mask -> JSON-able dict {shape, bits (base64 of zstd packed bits), digest}."""
-    mask = np.asarray(mask, dtype=bool)
-    if packed is None:
-        packed, digest = mask_bits(mask)
-    else:
-        digest = mask_digest(packed)
-    bits = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(packed)
-    return {"shape": list(mask.shape), "bits": base64.b64encode(bits).decode("ascii"), "digest": digest}
-
-
-def decode_mask(obj, shape=None) -> np.ndarray:
-    """Inverse of `encode_mask`. `shape` (if given) is the shape the caller expects: a mask that
-    declares another one is refused before anything is decoded or allocated."""
-    if not isinstance(obj, dict) or "shape" not in obj or "bits" not in obj:
-        raise InputError("mask must be an object with 'shape' and 'bits' (as made by medsam2.remote.wire.encode_mask)")
-    try:
-        got_shape = tuple(int(v) for v in obj["shape"])
-    except (TypeError, ValueError, OverflowError):
-        raise InputError("mask 'shape' must be two integers (rows, cols)") from None
-    if len(got_shape) != 2 or min(got_shape) <= 0:
-        raise InputError(f"mask shape {list(got_shape)[:4]} is not a 2D (rows, cols) shape")
-    if shape is not None and tuple(shape) != got_shape:
-        raise mask_shape_error(got_shape, shape)  # the engine's wording: a remote caller reads what a local one would
-    try:
-        compressed = base64.b64decode(obj["bits"], validate=True)
-    except (TypeError, ValueError):
-        raise InputError("mask 'bits' must be base64") from None
-    decoder = StreamDecoder(ArrayHeader(np.bool_, got_shape, codec="zstd", packed=True))
-    decoder.feed(compressed)
-    return decoder.finish()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..masks import PackedMask
 from .frames import FrameSource
 from .mask_store import MaskStore
 from .memory_bank import BankParams, SelfSortingMemoryBank
@@ -96,8 +97,9 @@ class Session:
         return self.frames[check_frame(frame, self.num_frames)]
 
     # -- prompts ----------------------------------------------------------------------------
-    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None) -> np.ndarray:
-        """Add a prompt for one object on one frame; returns that frame's mask (rows, cols) at once.
+    def add_prompt(self, frame, obj_id=1, points=None, labels=None, box=None, mask=None, packed=False):
+        """Add a prompt for one object on one frame; returns that frame's mask (rows, cols) at once
+        (packed=True: as a PackedMask, for a caller that passes it on across a process boundary).
 
         Points on a frame accumulate (each click refines the last result); a box starts the frame
         afresh (SAM2 needs the box before any click); a mask replaces the frame's prompts. A prompt
@@ -141,7 +143,7 @@ class Session:
                 self._book.keep_before(obj_id, frame, (before, shown))
             masks = keep_logits(self._results, frame, obj_ids, logits)
         self._book.add(prompt, starts_afresh)
-        return masks[obj_id]
+        return PackedMask.of(masks[obj_id]) if packed else masks[obj_id]
 
     def clear_prompts(self, frame, obj_id) -> None:
         """Forget one object's prompts on one frame (it is no longer conditioning): undo of a prompt.
@@ -191,7 +193,7 @@ class Session:
 
     # -- propagation ------------------------------------------------------------------------
     def propagate(self, direction="both", start=None, stop=None, cancel: threading.Event | None = None,
-                  probabilities=False, axes=None, until: str | None = None):
+                  probabilities=False, axes=None, packed=False, until: str | None = None):
         """Track the objects through the volume; yields (frame, {obj_id: mask}) as frames finish.
 
         Default (start=None): from the earliest prompted frame to the end and (for "both") back to
@@ -208,9 +210,12 @@ class Session:
         Where and why each direction stopped: `last_propagation` (also the generator's return value).
         probabilities=True yields (frame, masks, {obj_id: float32 probability (rows, cols)}) instead.
         axes="all": propagate along all three axes of the volume and fuse them (see fusion.py).
+        packed=True yields each mask as a PackedMask (for a caller that passes it on).
         """
         refine = start is not None
         until = check_until(until, refine)
+        if packed:
+            return _packed_items(self.propagate(direction, start, stop, cancel, probabilities, axes, until=until))
         if axes not in (None, "one"):
             from .fusion import propagate_all_axes
 
@@ -292,3 +297,8 @@ class Session:
 
     def close(self) -> None:
         self.reset()
+
+
+def _packed_items(items):
+    for frame, masks, *rest in items:
+        yield (frame, {o: PackedMask.of(m) for o, m in masks.items()}, *rest)

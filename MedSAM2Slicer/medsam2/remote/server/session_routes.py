@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
 
 from ...errors import InputError
+from ...prompt import Prompt
 from .. import wire
 from .errors import ApiError, ServerErrorRoute, engine_errors
 from .limits import Limits
@@ -82,12 +83,13 @@ def close_session(sid: str, state: ServerState = Depends(state_of)):
              summary="add points / box / mask on one frame for one object; returns that frame's mask")
 def add_prompt(sid: str, req: PromptRequest, state: ServerState = Depends(state_of)):
     with state.session(sid) as sess:
-        with engine_errors():
-            kwargs = prompt_arguments(req, sess.mask_shape, state.limits)
+        with engine_errors():  # its mask's declared shape is checked before anything is allocated
+            prompt = Prompt.from_json(req.model_dump(), mask_shape=sess.mask_shape,
+                                      max_points=state.limits.max_points)
 
         def add():
             check_room_for(sess, req.obj_id, state.limits)
-            return sess.engine.add_prompt(req.frame, obj_id=req.obj_id, **kwargs)
+            return sess.engine.add_prompt(**prompt.arguments(), packed=True)
 
         mask = state.engine_call(sess, add)
         packed, digest = wire.mask_bits(mask)
@@ -112,31 +114,6 @@ def prepare(sid: str, req: PrepareRequest, state: ServerState = Depends(state_of
             sess.touch()
             sess.lock.release()
         return {"frame": req.frame, "prepared": True}
-
-
-def prompt_arguments(req: PromptRequest, mask_shape, limits: Limits) -> dict:
-    """The prompt as engine arguments, refused if it is larger than a prompt may be. The engine
-    checks the rest (ranges, labels), with the messages a local caller sees."""
-    kwargs = {}
-    for name in ("points", "labels"):
-        values = getattr(req, name)
-        if values is not None and len(values) > limits.max_points:
-            raise InputError(f"a prompt may carry at most {limits.max_points} {name} on this server; this one has "
-                             f"{len(values)}: send fewer (points on a frame add up over several prompts)")
-    if req.points is not None:
-        for i, point in enumerate(req.points):
-            if len(point) != 2:
-                raise InputError(f"points must be (x, y) pairs; point {i} has {len(point)} value(s)")
-        kwargs["points"] = np.asarray(req.points, dtype=np.float64)
-    if req.labels is not None:
-        kwargs["labels"] = np.asarray(req.labels)
-    if req.box is not None:
-        if len(req.box) > 4:
-            raise InputError(f"box must be (x0, y0, x1, y1); got {len(req.box)} numbers")
-        kwargs["box"] = np.asarray(req.box, dtype=np.float64)
-    if req.mask is not None:  # its declared shape is checked before anything is allocated
-        kwargs["mask"] = wire.decode_mask(req.mask.model_dump(), shape=mask_shape)
-    return kwargs
 
 
 def check_room_for(sess: OpenSession, obj_id: int, limits: Limits) -> None:
