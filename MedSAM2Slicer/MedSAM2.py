@@ -193,10 +193,12 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._installShortcuts()
+        self._observeSliceViews(True)
         self._timer.start()
 
     def exit(self):
         self._removeShortcuts()
+        self._observeSliceViews(False)
         self._setTool(None)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -460,6 +462,23 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if around:
             p = self._parameterNode
             p.limitRange, (p.rangeFirst, p.rangeLast) = True, around
+
+    def _observeSliceViews(self, observe: bool):
+        """The slice each view shows goes to the controller: the engine prepares a click there in
+        its idle time (the controller waits until scrolling rests)."""
+        layoutManager = slicer.app.layoutManager()
+        for name in (layoutManager.sliceViewNames() if layoutManager else []):
+            node = layoutManager.sliceWidget(name).mrmlSliceNode()
+            watched = self.hasObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
+            if observe and not watched:
+                self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
+            elif not observe and watched:
+                self.removeObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
+
+    def _onSliceViewModified(self, sliceNode, event=None):
+        if self.logic is not None:
+            self.logic.controller.viewing(slice_view_center(sliceNode), slice_view_normal(sliceNode),
+                                          sliceNode.GetName())
 
     # --- the timer and feedback -------------------------------------------------------------
     def _onTick(self):

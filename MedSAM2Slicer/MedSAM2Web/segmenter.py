@@ -134,6 +134,11 @@ class Segmenter:
         """Propagate both ways from the slice through `ras` (after correcting it with prompts)."""
         self._call("refine", ras, slice_normal, slice_range)
 
+    def viewing(self, ras, slice_normal, view: str) -> None:
+        """A slice view moved to the slice through `ras`: the engine prepares a click there when idle."""
+        if self._controller is not None:
+            self._controller.viewing(ras, slice_normal, view)
+
     def _call(self, name, *args, **kwargs):
         if self._controller is None:
             self._on_error("Open a volume and select a segment first.")
