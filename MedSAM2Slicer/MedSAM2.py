@@ -139,9 +139,11 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = MedSAM2Logic(on_error=self._showErrorLater, on_message=self._showMessage,
                                   on_changed=self._onChanged)
         from MedSAM2Lib.prompt_tools import PromptTools
+        from MedSAM2Lib.view_watch import SliceViewWatch
 
         appLogic = slicer.app.applicationLogic()
         self._tools = PromptTools(self.logic.controller, appLogic.GetInteractionNode(), appLogic.GetSelectionNode())
+        self._views = SliceViewWatch(self.logic.controller.viewing)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -183,6 +185,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._removeShortcuts()
+        self._views.stop()
         if self._tools is not None:
             self._tools.close()
         self.removeObservers()
@@ -193,12 +196,12 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._installShortcuts()
-        self._observeSliceViews(True)
+        self._views.watch(slicer.util.getNodesByClass("vtkMRMLSliceNode"))  # the engine prepares their slices
         self._timer.start()
 
     def exit(self):
         self._removeShortcuts()
-        self._observeSliceViews(False)
+        self._views.stop()
         self._setTool(None)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -462,23 +465,6 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if around:
             p = self._parameterNode
             p.limitRange, (p.rangeFirst, p.rangeLast) = True, around
-
-    def _observeSliceViews(self, observe: bool):
-        """The slice each view shows goes to the controller: the engine prepares a click there in
-        its idle time (the controller waits until scrolling rests)."""
-        layoutManager = slicer.app.layoutManager()
-        for name in (layoutManager.sliceViewNames() if layoutManager else []):
-            node = layoutManager.sliceWidget(name).mrmlSliceNode()
-            watched = self.hasObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
-            if observe and not watched:
-                self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
-            elif not observe and watched:
-                self.removeObserver(node, vtk.vtkCommand.ModifiedEvent, self._onSliceViewModified)
-
-    def _onSliceViewModified(self, sliceNode, event=None):
-        if self.logic is not None:
-            self.logic.controller.viewing(slice_view_center(sliceNode), slice_view_normal(sliceNode),
-                                          sliceNode.GetName())
 
     # --- the timer and feedback -------------------------------------------------------------
     def _onTick(self):

@@ -15,6 +15,7 @@ import os
 
 from medsam2.errors import MedSAM2Error
 from medsam2.masks import pack_mask
+from MedSAM2Lib.view_watch import SliceViewWatch
 
 from . import page, scene, views
 from .segmenter import EngineSettings, Segmenter
@@ -51,8 +52,9 @@ class WebApp:
             view.render_window().SetMultiSamples(0)
             self.tools.attach(view)
             view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
-            # the slice each view shows: the engine prepares a click there in its idle time
-            view.get_view_node().AddObserver("ModifiedEvent", self._on_slice_moved)
+        # the slice each view shows: the engine prepares a click there in its idle time
+        self.view_watch = SliceViewWatch(self.segmenter.viewing)
+        self.view_watch.watch([view.get_view_node() for view in self.slicer.view_manager.get_slice_views()])
         self.loaded: scene.LoadedVolume | None = None
         self.segmentation = None
         self.output_path = os.path.abspath(output_path)
@@ -213,9 +215,6 @@ class WebApp:
             self._prompt_view = view_name
             self.segmenter.place_box(ras_a, ras_b, normal)
             self._refresh()
-
-    def _on_slice_moved(self, node, _event=None) -> None:
-        self.segmenter.viewing(views.slice_center(node), views.slice_normal(node), node.GetName())
 
     def _slice_range(self):
         s = self.state
