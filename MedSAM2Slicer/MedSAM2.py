@@ -35,6 +35,7 @@ if _HERE not in sys.path:  # medsam2 and MedSAM2Lib ship next to this file
 from MedSAM2Lib import install  # noqa: E402  (no torch, no engine: safe before installing)
 from MedSAM2Lib.geometry import slice_view_center, slice_view_normal  # noqa: E402
 from MedSAM2Lib.models import DEFAULT_MODEL, DEVICES  # noqa: E402
+from MedSAM2Lib.shortcuts import help_rows  # noqa: E402
 
 # QSettings keys. The token is stored as plain text in Slicer's settings file (readable by the
 # user's account); the docs say so, and a shared machine should use a per-user account.
@@ -43,21 +44,9 @@ SETTINGS_TOKEN = "MedSAM2/ServerToken"
 POLL_INTERVAL_MS = 40
 DOCS_URL = "https://github.com/medsam2-slicer/SlicerMedSAM2/blob/main/docs/slicer.md"
 
-# (key, what it does) - shown in the help text and bound while the module is open
-SHORTCUTS = (
-    ("I", "include point tool"),
-    ("X", "exclude point tool"),
-    ("O", "box tool (click two opposite corners)"),
-    ("Esc", "stop placing prompts"),
-    ("Shift+P", "propagate (direction as set)"),
-    ("Shift+U", "propagate up"),
-    ("Shift+D", "propagate down"),
-    ("Shift+R", "refine from this slice"),
-    ("Shift+E", "use edited slice"),
-    ("Ctrl+Z", "undo"),
-    ("Ctrl+Y", "redo"),
-    ("Ctrl+Shift+Z", "redo"),
-)
+# (key, what it does) - shown in the help text and bound while the module is open; the one table
+# both shells share (MedSAM2Lib/shortcuts.py)
+SHORTCUTS = help_rows()
 
 
 class MedSAM2(ScriptedLoadableModule):

@@ -98,3 +98,16 @@ def test_segment_checks_the_trace_path_before_loading_a_model(tmp_path, ct_volum
     err = capsys.readouterr().err
     assert "trace.png" in err and "--overwrite" in err
     assert (tmp_path / "trace.png").read_bytes() == b"keep"
+
+
+def test_the_picture_explains_its_row_labels():
+    from PIL import ImageFont
+
+    records = [{"obj_id": 1, "memory": "sam2", "frame": f, "direction": d, "prompted": [3], "bank": [3],
+                "attended": [3], "bank_empty": False} for f, d in ((4, "forward"), (2, "backward"))]
+    picture = TracePicture(records, 8)
+    image = picture.render()
+    assert {"4 F", "2 B"} <= set(picture.texts)  # the labels a reader must decode
+    key = next(t for t in picture.texts if "F forward" in t and "B backward" in t)
+    font = ImageFont.load_default(size=10) if hasattr(ImageFont, "FreeTypeFont") else ImageFont.load_default()
+    assert 8 + font.getlength(key) <= image.size[0]  # the key fits in the picture

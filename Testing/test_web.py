@@ -39,9 +39,11 @@ def site(tmp_path_factory, random_checkpoint, ct_path):
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    output = folder / "result.seg.nrrd"
+    # --output relative to the folder the server runs in: the page (and the README's screenshot) shows
+    # "chest.seg.nrrd", not the test's temporary folder
+    output = folder / "chest.seg.nrrd"
     server = web.WebServer([volume, "--model", "sam2.1_hiera_tiny", "--checkpoint", random_checkpoint,
-                            "--device", "cpu", "--image-size", "256", "--output", output,
+                            "--device", "cpu", "--image-size", "256", "--output", output.name,
                             "--page-token-file", token_file, "--max-upload-mb", UPLOAD_MB], log_dir=folder)
     server.start()
     try:

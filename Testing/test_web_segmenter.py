@@ -26,9 +26,10 @@ CENTER = (4, 20, 22)
 
 
 def settings(checkpoint, **kw):
-    from MedSAM2Web.segmenter import EngineSettings
+    from MedSAM2Lib.models import ModelSettings  # the Slicer module's own settings type
 
-    return EngineSettings(model="sam2.1_hiera_tiny", checkpoint=str(checkpoint), device="cpu", image_size=256, **kw)
+    return ModelSettings(name="sam2.1_hiera_tiny", checkpoint=str(checkpoint), device="cpu", image_size=256,
+                         allow_random=True, **kw)
 
 
 class Recorder:
@@ -182,9 +183,10 @@ def test_a_remote_engine_gives_the_same_masks_as_the_local_one(local, model):
 
     server = ServerThread(create_app(model, token=TOKEN, max_sessions=4, session_ttl=600, max_upload_mb=16))
     try:
-        from MedSAM2Web.segmenter import EngineSettings
+        from MedSAM2Lib.models import ModelSettings
 
-        remote, rec = make_segmenter(EngineSettings(model="sam2.1_hiera_tiny", server_url=server.url, token=TOKEN))
+        remote, rec = make_segmenter(ModelSettings(name="sam2.1_hiera_tiny", server_url=server.url, token=TOKEN,
+                                                   allow_random=True))
         masks = []
         for seg in (local[0], remote):
             scene, volume, segmentation, segment_id, _ = scene_with_blob()
@@ -205,11 +207,12 @@ def test_a_wrong_server_token_fails_at_start_saying_so(model):
 
     from medsam2.errors import MedSAM2Error
     from medsam2.remote.server import create_app
-    from MedSAM2Web.segmenter import EngineSettings, Segmenter
+    from MedSAM2Lib.models import ModelSettings
+    from MedSAM2Web.segmenter import Segmenter
 
     server = ServerThread(create_app(model, token=TOKEN, max_sessions=1, session_ttl=60, max_upload_mb=1))
     try:
         with pytest.raises(MedSAM2Error, match="token"):
-            Segmenter(EngineSettings(model="x", server_url=server.url, token="wrong")).start()
+            Segmenter(ModelSettings(name="x", server_url=server.url, token="wrong")).start()
     finally:
         server.stop()

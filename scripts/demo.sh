@@ -32,7 +32,7 @@ done
 
 source scripts/python_env.sh
 # Installed from this checkout already (a re-run, or offline): skip the install, which needs the network.
-if "$PY" -c "import os, sys, torch, sam2.sam2_video_predictor, slicerio, medsam2
+if "$PY" -c "import os, sys, torch, sam2.sam2_video_predictor, slicerio, trame_slicer, medsam2
 sys.exit(os.path.realpath(os.path.dirname(medsam2.__file__)) != os.path.realpath('MedSAM2Slicer/medsam2'))" 2>/dev/null; then
   echo "MedSAM2 is installed in $("$PY" -c 'import sys; print(sys.prefix)') (bash scripts/install.sh updates it)"
 else
@@ -45,11 +45,9 @@ CT=$("$PY" -c "import slicerio, pathlib; print(pathlib.Path(slicerio.__file__).p
 OUT=${OUT:-demo_output/chest_lungs.seg.nrrd}
 mkdir -p "$(dirname "$OUT")"
 
+ARGS=()
 case "$MODE" in
-  random)
-    CKPT=$(dirname "$OUT")/random_tiny_512.pt
-    "$PY" -c "import sys; from medsam2.testing import write_random_checkpoint as w; w(sys.argv[1], sys.argv[2], image_size=512)" \
-      "$CKPT" "$MODEL" ;;
+  random) ARGS=(--random-weights) ;;  # the cached test checkpoint every verb's --random-weights uses
   download)
     if ! medsam2 download "$MODEL"; then
       read -r FILE URL < <("$PY" -c "from medsam2.models.registry import get_spec; s = get_spec('$MODEL'); print(s.filename, s.url)")
@@ -63,7 +61,6 @@ case "$MODE" in
     fi ;;
 esac
 
-ARGS=()
 [ -n "$CKPT" ] && ARGS=(--checkpoint "$CKPT")
 medsam2 segment "$CT" --prompts Resources/demo/chest_prompts.json --output "$OUT" --overwrite \
   --model "$MODEL" ${ARGS[@]+"${ARGS[@]}"}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-command install of the engine, server and CLI (and with --test, everything the test suite
-# needs: the test/web Python extras and Debian's chromium, nginx and Mesa EGL).
+# One-command install of the engine, server, CLI and web page (the `web` extra: MedSAM2 without
+# Slicer), and with --test everything the test suite needs (the test extra and Debian's chromium,
+# nginx and Mesa EGL). Last, `medsam2` is linked onto PATH (scripts/link_command.sh).
 # Python: the active virtualenv/conda env, else the project's .venv (scripts/python_env.sh).
 # Order matters: torch first (the pinned CPU wheel, so nothing pulls a multi-GB CUDA build),
 # then sam2 1.1.0 from source without build isolation (its build needs the torch just installed)
@@ -42,6 +43,7 @@ if [ $WITH_TESTS = 1 ]; then
   bash scripts/install_system_test_deps.sh
   pip_install -e ".[test,web]"
 else
-  pip_install -e .
+  pip_install -e ".[web]"
 fi
-echo "MedSAM2 is installed in $("$PY" -c 'import sys; print(sys.prefix)') (run: $(dirname "$PY")/medsam2 --help)"
+echo "MedSAM2 is installed in $("$PY" -c 'import sys; print(sys.prefix)')"
+bash scripts/link_command.sh

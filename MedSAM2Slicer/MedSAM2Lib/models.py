@@ -20,6 +20,7 @@ class ModelSettings:
     server_url: str = ""       # set: run on a MedSAM2 server instead of on this machine
     token: str = ""
     allow_random: bool = False  # random test weights allowed (Slicer developer mode only)
+    precision: str = "auto"     # as medsam2.load_model: auto = bfloat16 on CUDA, float32 elsewhere
     idle_unload_minutes: float = 30.0  # unload the model after this long unused (0: never)
 
     def same_engine(self, other: "ModelSettings") -> bool:
@@ -46,5 +47,6 @@ class ModelSettings:
             return RemoteEngine(self.server_url, self.token or None, allow_random_weights=self.allow_random,
                                 python=python)
         return LocalEngine(self.name, checkpoint=self.checkpoint or None, device=self.device,
-                           image_size=self.image_size or None, allow_random_weights=self.allow_random, python=python,
+                           image_size=self.image_size or None, precision=self.precision,
+                           allow_random_weights=self.allow_random, python=python,
                            checkpoint_way=CHECKPOINT_WAY)

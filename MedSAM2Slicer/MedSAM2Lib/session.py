@@ -200,8 +200,8 @@ class SegmentationSession:
         if frame_a != frame_b:
             raise InputError(f"The two box corners are on different slices ({frame_a} and {frame_b}); draw the "
                              "box within one slice.")
-        if abs(xa - xb) < 1 and abs(ya - yb) < 1:
-            raise InputError("The box is smaller than a voxel; drag out a box around the structure.")
+        if abs(xa - xb) < 1 or abs(ya - yb) < 1:  # either side: a line is no box
+            raise InputError("The box is narrower or lower than a voxel; drag out a box around the structure.")
         prompt = Prompt.make(frame_a, OBJ_ID, box=(min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)))
         return self._prompt_job("box", prompt, layout, slice_normal)
 

@@ -15,43 +15,49 @@ import os
 
 from medsam2.errors import MedSAM2Error
 from medsam2.masks import pack_mask
+
+from MedSAM2Lib.shortcuts import SHORTCUTS, browser_key
 from MedSAM2Lib.view_watch import SliceViewWatch
 
 from . import page, scene, views
-from .segmenter import EngineSettings, Segmenter
+from .segmenter import ModelSettings, Segmenter
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.04
 BUSY_INTERVAL_S = 0.005
 DEFAULT_LAYOUT = "Red slice only"
 RANGE_FROM_VIEW = 10  # "From view": this many slices either side of the Red view's slice
-KEYS = {
-    "I": ("tool", "include"), "X": ("tool", "exclude"), "O": ("tool", "box"), "Escape": ("tool", None),
-    "Shift+P": ("propagate", None), "Shift+U": ("propagate", "up"), "Shift+D": ("propagate", "down"),
-    "Shift+R": ("refine", None), "Ctrl+Z": ("undo", None), "Ctrl+Y": ("redo", None), "Ctrl+Shift+Z": ("redo", None),
-}
+# the page's keys: the module's one shortcut table (as the browser names keys), and slice movement
+KEYS = {browser_key(key): (action, arg) for key, action, arg, _ in SHORTCUTS}
+FIRST_TOOL = "include"  # active when a volume opens: the first click in a view is a prompt
+NO_TOOL_TEXT = ("No prompt tool is active: choose Include point (I), Exclude point (X) or Box (O), then click "
+                "or drag in the slice view.")
 
 
 class WebApp:
-    def __init__(self, server, settings: EngineSettings, output_path: str):
+    def __init__(self, server, settings: ModelSettings, output_path: str, memory: str = "self-sorting"):
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
 
         self.server, self.state = server, server.state
         server.enable_module(trame_slicer_module)
-        self.segmenter = Segmenter(settings, on_error=self.show_error, on_message=self.show_message)
+        self.segmenter = Segmenter(settings, memory, on_error=self.show_error, on_message=self.show_message)
         self.segmenter.start()
-        self.slicer = SlicerApp()
-        views.register_views(self.slicer.view_manager, server)
-        self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
-        self.layouts.register_layout_dict(views.layouts())
-        self.tools = views.PromptTools(self.place_point, self.place_box)
-        for view in self.slicer.view_manager.get_slice_views():
-            # a slice view draws images: trame-slicer's 8x multisampling changes nothing visible but
-            # multiplies the cost of each redraw in Mesa's software renderer (every propagated slice)
-            view.render_window().SetMultiSamples(0)
-            self.tools.attach(view)
-            view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
+        self.tools = views.PromptTools(self.place_point, self.place_box,
+                                       on_idle_click=lambda: self.show_message(NO_TOOL_TEXT))
+        self.slicer = SlicerApp()  # sets VTK's output window: the views' messages are held after it
+        with views.quiet_resize_event_deprecation():
+            views.register_views(self.slicer.view_manager, server)
+            self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
+            self.layouts.register_layout_dict(views.layouts())
+            for view in self.slicer.view_manager.get_slice_views():
+                view.modified.connect(self._show_slice_number)
+                # a slice view draws images: trame-slicer's 8x multisampling changes nothing visible but
+                # multiplies the cost of each redraw in Mesa's software renderer (every propagated slice)
+                view.render_window().SetMultiSamples(0)
+                self.tools.attach(view)
+                # after trame-slicer's own observer of the same event has given the view its new size
+                view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
         # the slice each view shows: the engine prepares a click there in its idle time
         self.view_watch = SliceViewWatch(self.segmenter.viewing)
         self.view_watch.watch([view.get_view_node() for view in self.slicer.view_manager.get_slice_views()])
@@ -78,6 +84,8 @@ class WebApp:
             "can_undo": False, "can_redo": False, "error": "", "message": "",
             "window_presets": ["Auto", *(p for p, _, _ in scene.WINDOW_PRESETS)], "window_width": 0, "window_level": 0,
             "saved": False, "output_path": self.output_path, "output_name": os.path.basename(self.output_path),
+            "output_shown": shown_path(self.output_path),
+            **{views.slice_label_key(name): "" for name in views.VIEW_NAMES},
         })
         s.change("tool")(lambda tool, **_: self.tools.set_tool(tool or None))
         s.change("layout_name")(lambda layout_name, **_: self._set_layout(layout_name))
@@ -136,7 +144,18 @@ class WebApp:
         s.window_width, s.window_level = (round(v, 1) for v in scene.window_level(loaded.node))
         s.saved, s.error = False, ""
         s.segment_id = None
+        s.tool = FIRST_TOOL
+        self.tools.set_tool(FIRST_TOOL)  # now, not at the state's next flush: a click may come first
         self._refresh_segments()
+        for view in self.slicer.view_manager.get_slice_views():
+            self._show_slice_number(view)
+
+    def _show_slice_number(self, view) -> None:
+        """"Slice k / N" beside the view's slider (k counts from 0, as the slice range does)."""
+        loaded = getattr(self, "loaded", None)  # views report changes from the first render on
+        shown = views.slice_number(view, loaded.node) if loaded is not None else None
+        self.state[views.slice_label_key(view.get_singleton_tag())] = (f"Slice {shown[0]} / {shown[1]}"
+                                                                      if shown else "")
 
     def set_window_preset(self, name: str) -> None:
         if self.loaded is None:
@@ -235,6 +254,12 @@ class WebApp:
             self.segmenter.refine(views.slice_center(node), views.slice_normal(node), self._slice_range())
             self._refresh()
 
+    def use_edited_slice(self) -> None:
+        if self._ready():
+            node = self._prompt_slice_node()
+            self.segmenter.use_edited_slice(views.slice_center(node), views.slice_normal(node))
+            self._refresh()
+
     def range_from_view(self) -> None:
         node = self._prompt_slice_node()
         frame = self.segmenter.frame_index(views.slice_center(node), views.slice_normal(node))
@@ -256,13 +281,17 @@ class WebApp:
         self.segmenter.cancel()
         self._refresh()
 
-    def on_key(self, combo: str) -> None:
+    def on_key(self, combo: str, view_name: str | None = None) -> None:
+        """A key pressed on the page; view_name: the slice view under the mouse, if any."""
+        if combo in page.SLICE_KEYS:
+            view = self.slicer.view_manager.get_view(view_name or self._prompt_view)
+            return views.step_slice(view or self.slicer.view_manager.get_view("Red"), page.SLICE_KEYS[combo])
         action, arg = KEYS.get(combo, (None, None))
         if action == "tool":
             self.state.tool = arg
         elif action == "propagate":
             self.propagate(arg)
-        elif action in ("refine", "undo", "redo"):
+        elif action in ("refine", "use_edited_slice", "undo", "redo"):
             getattr(self, action)()
 
     # --- result ------------------------------------------------------------------------------
@@ -328,3 +357,9 @@ class WebApp:
                     "last_prompt": self.segmenter.last_prompt, "error": s.error, "message": s.message,
                     "output": self.output_path, "saved": bool(s.saved), "layout": s.layout_name})
         return out
+
+
+def shown_path(path: str) -> str:
+    """A file's path as the page shows it: relative to the folder the command ran in when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative

@@ -135,7 +135,7 @@ class EngineRun:
         import slicer
 
         from . import scene
-        from .segmenter import EngineSettings, Segmenter
+        from .segmenter import ModelSettings, Segmenter
 
         self.scene = scene
         self.mrml = slicer.vtkMRMLScene()
@@ -143,8 +143,8 @@ class EngineRun:
         self._logic.SetMRMLScene(self.mrml)
         self.loaded = scene.load_volume(self.mrml, volume)
         self.segmentation = scene.new_segmentation(self.mrml, self.loaded.node)
-        self.seg = Segmenter(EngineSettings(model=args.model, checkpoint=checkpoint, device=args.device,
-                                            image_size=args.image_size))
+        self.seg = Segmenter(ModelSettings(name=args.model, checkpoint=checkpoint, device=args.device,
+                                           image_size=args.image_size or 0, allow_random=True))
         self.seg.start()
         k = self.loaded.volume.array.shape[0] // 2
         self.ras = _ijk_to_ras(self.loaded.node, (*PROMPT_IJK, k))

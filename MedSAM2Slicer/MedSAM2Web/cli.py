@@ -17,7 +17,8 @@ WILDCARD_PROBE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # where
 
 
 def add_arguments(p) -> None:
-    from medsam2.options import DEFAULT_MODEL, DEVICES, MEMORY_MODES
+    from medsam2.cli.common import add_model_arguments
+    from medsam2.options import MEMORY_MODES
 
     p.add_argument("volume", nargs="?", metavar="VOLUME",
                    help="NRRD / NIfTI / MHA file or DICOM series folder to open (or open one from the page)")
@@ -29,10 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--output", "-o", metavar="OUT.seg.nrrd",
                    help="where Save writes the segmentation (default: VOLUME's name + .seg.nrrd in this folder)")
     p.add_argument("--overwrite", action="store_true", help="let Save replace OUT if it exists already")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry model name (default {DEFAULT_MODEL})")
-    p.add_argument("--checkpoint", metavar="FILE", help="local checkpoint file instead of the registry download")
-    p.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N (default auto)")
-    p.add_argument("--image-size", type=int, metavar="N", help="model input size in pixels (default: the model's own)")
+    add_model_arguments(p, checkpoint_help="local checkpoint file instead of the registry download")
     p.add_argument("--memory", default="self-sorting", choices=MEMORY_MODES,
                    help="memory bank: MedSAM-2's self-sorting bank (default) or stock SAM2")
     p.add_argument("--server", metavar="URL", help="run the model on a `medsam2 serve` at URL instead of here")
@@ -67,6 +65,7 @@ def default_output(volume) -> str:
 
 def check_arguments(args):
     """Every refusal before anything heavy loads. Returns (page token, server token, output path)."""
+    from medsam2.cli.common import check_model_inputs
     from medsam2.remote.net import is_loopback
     from medsam2.errors import InputError
     from medsam2.io.volume_io import check_output_path
@@ -83,8 +82,6 @@ def check_arguments(args):
             raise InputError(f"--public-url {args.public_url}: give the full address, e.g. https://medsam2.example.org/")
     if args.volume is not None and not os.path.exists(args.volume):
         raise InputError(f"{args.volume}: no such file or folder (VOLUME must be a NIfTI/NRRD/MHA file or a DICOM folder)")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint}: no such file")
     if args.server and args.checkpoint:
         raise InputError("--server runs the model on that server: drop --checkpoint (the server has its own)")
     if args.token_file and not args.server:
@@ -94,6 +91,7 @@ def check_arguments(args):
     if not output.lower().endswith(".seg.nrrd"):
         raise InputError(f"--output {output}: the web page saves Slicer segmentations; name it .seg.nrrd")
     check_output_path(output, overwrite=args.overwrite)
+    check_model_inputs(args)  # last: --random-weights writes its checkpoint once everything else is right
     page_token = _token_from(args.page_token_file, PAGE_TOKEN_ENV, "--page-token-file")
     if page_token is None and not is_loopback(args.host) and not args.insecure:
         raise InputError(
@@ -116,6 +114,9 @@ def page_url(host: str, port: int) -> str:
 
 
 def run(args) -> int:
+    from medsam2.cli.common import require_extra
+
+    require_extra("web", ("trame", "trame_slicer", "slicer"))  # one line naming the command, not a traceback
     page_token, server_token, output = check_arguments(args)
     prepare_rendering()
     from trame.app import get_server
@@ -127,18 +128,19 @@ def run(args) -> int:
     from .access import AccessGate, SameOriginGuard
     from .app import WebApp
     from .scene import volume_name
-    from .segmenter import EngineSettings
+    from .segmenter import ModelSettings
 
     volume = None
     if args.volume is not None:  # a file that cannot be read fails now, before the model loads
         from medsam2.io.volume_io import read_volume
 
         volume = read_volume(args.volume, args.series)
-    settings = EngineSettings(model=args.model, checkpoint=args.checkpoint, device=args.device,
-                              image_size=args.image_size, server_url=args.server, token=server_token,
-                              memory=args.memory)
+    # the command line asked for this model: a random-weight file gets the banner, not a refusal
+    settings = ModelSettings(name=args.model, checkpoint=args.checkpoint or "", device=args.device,
+                             image_size=args.image_size or 0, server_url=args.server or "", token=server_token or "",
+                             allow_random=True, precision=args.precision)
     server = get_server("medsam2_web", client_type="vue3")
-    web_app = WebApp(server, settings, output)
+    web_app = WebApp(server, settings, output, memory=args.memory)
     if web_app.segmenter.weights_are_random:
         random_weights_banner("masks")
     if volume is not None:

@@ -12,20 +12,10 @@ from trame.widgets import client, html
 from trame.widgets import vuetify3 as v3
 from trame_vuetify.ui.vuetify3 import VAppLayout
 
-# (key combination as the page reports it, what it does) - as the Slicer module binds them
-SHORTCUTS = (
-    ("I", "include point tool"),
-    ("X", "exclude point tool"),
-    ("O", "box tool (press, drag, release)"),
-    ("Escape", "stop placing prompts"),
-    ("Shift+P", "propagate (direction as set)"),
-    ("Shift+U", "propagate up"),
-    ("Shift+D", "propagate down"),
-    ("Shift+R", "refine from this slice"),
-    ("Ctrl+Z", "undo"),
-    ("Ctrl+Y", "redo"),
-    ("Ctrl+Shift+Z", "redo"),
-)
+from MedSAM2Lib.shortcuts import SHORTCUTS, browser_key
+
+# keys that move the slice in the view under the mouse (else the last prompted one), as in Slicer
+SLICE_KEYS = {"ArrowUp": 1, "ArrowRight": 1, "PageUp": 1, "ArrowDown": -1, "ArrowLeft": -1, "PageDown": -1}
 
 # Keys pressed anywhere on the page but in a text field go to the server's `medsam2_key` trigger.
 KEYS_SCRIPT = """
@@ -33,6 +23,11 @@ if (!window.__medsam2Keys) {
   window.__medsam2Keys = true;
   const keys = new Set(%s);
   const NOT_TEXT = new Set(['color', 'checkbox', 'radio', 'button', 'submit', 'range', 'file']);
+  let hovered = null;  // the slice view under the mouse: the one the arrow keys move
+  document.addEventListener('mouseover', (e) => {
+    const view = e.target.closest && e.target.closest('[data-view]');
+    hovered = view ? view.getAttribute('data-view') : hovered;
+  });
   document.addEventListener('keydown', (e) => {
     const t = e.target;  // typing in a text field is not a shortcut; a colour or check box is no text field
     const typing = t && ((t.tagName === 'INPUT' && !NOT_TEXT.has(t.type)) || t.tagName === 'TEXTAREA' ||
@@ -42,7 +37,7 @@ if (!window.__medsam2Keys) {
     const combo = (e.ctrlKey || e.metaKey ? 'Ctrl+' : '') + (e.shiftKey ? 'Shift+' : '') + key;
     if (keys.has(combo) && window.trame) {
       e.preventDefault();
-      window.trame.trigger('medsam2_key', [combo]);
+      window.trame.trigger('medsam2_key', [combo, hovered]);
     }
   });
 }
@@ -69,7 +64,7 @@ def aria(label: str) -> list[str]:
 
 def build(app) -> VAppLayout:
     """The whole page, bound to `app` (a WebApp)."""
-    keys = "[" + ", ".join(f"'{k}'" for k, _ in SHORTCUTS) + "]"
+    keys = "[" + ", ".join(f"'{k}'" for k in (*(browser_key(row[0]) for row in SHORTCUTS), *SLICE_KEYS)) + "]"
     with VAppLayout(app.server, theme="dark") as layout:
         client.Script(KEYS_SCRIPT % keys)
         client.Script(OPEN_SCRIPT)
@@ -204,7 +199,8 @@ def _save(app):
             html.Span("Save")
         html.A("Download {{ output_name }}", v_if=("saved",), href="/medsam2/download",
                raw_attrs=['download', ':aria-label="`Download ${output_name}`"'])
-    html.Div("{{ output_path }}", classes="text-caption text-medium-emphasis")
+    html.Div("Save writes {{ output_shown }}", classes="text-caption text-medium-emphasis",
+             raw_attrs=[':title="output_path"', 'aria-label="Output file"'])
 
 
 def _messages():
@@ -212,4 +208,5 @@ def _messages():
               click_close="error = ''", raw_attrs=['role="alert"'])
     v3.VAlert(v_if=("message",), text=("message",), type="info", density="compact", closable=True,
               click_close="message = ''", raw_attrs=['role="status"'])  # news, not an error
-    html.Div("Keys: " + ", ".join(f"{k} {what}" for k, what in SHORTCUTS), classes="text-caption text-disabled")
+    html.Div("Keys: " + ", ".join(f"{k} {what}" for k, _action, _arg, what in SHORTCUTS)
+             + "; arrow keys, Page Up / Page Down: next or previous slice", classes="text-caption text-disabled")

@@ -11,48 +11,33 @@ prompt the engine received, in voxel indices, for the status endpoint.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
 from typing import Callable
 
 from medsam2.errors import MedSAM2Error
+from medsam2.options import MEMORY_MODES
+from MedSAM2Lib.models import ModelSettings  # the module's settings type, the page's too
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    model: str
-    checkpoint: str | None = None
-    device: str = "auto"
-    image_size: int | None = None
-    server_url: str | None = None   # set: the engine runs on a `medsam2 serve` there
-    token: str | None = None        # that server's token
-    memory: str = "self-sorting"
-
-    def describe(self) -> str:
-        where = f"server {self.server_url}" if self.server_url else (self.checkpoint or "registry download")
-        return f"{self.model} ({where})"
+__all__ = ["ModelSettings", "Segmenter", "duration_text"]
 
 
 class Segmenter:
     """Prompts and propagation on the selected segment, through the module's controller."""
 
-    def __init__(self, settings: EngineSettings, on_error: Callable[[str], None] | None = None,
-                 on_message: Callable[[str], None] | None = None):
-        from MedSAM2Lib import ModelSettings
-
+    def __init__(self, settings: ModelSettings, memory: str = MEMORY_MODES[0],
+                 on_error: Callable[[str], None] | None = None, on_message: Callable[[str], None] | None = None):
+        """settings: the Slicer module's own model settings (the command line asked for this model,
+        so a random-weight file gets a banner there: allow_random is the caller's to set)."""
         self.settings = settings
+        self.memory = memory
         self._on_error = on_error or (lambda text: log.error(text))
         self._on_message = on_message or (lambda text: None)
-        # the command line asked for this model; a random-weight file gets a banner there, not a refusal
-        self._model_settings = ModelSettings(name=settings.model, checkpoint=settings.checkpoint or "",
-                                             device=settings.device, image_size=settings.image_size or 0,
-                                             server_url=settings.server_url or "", token=settings.token or "",
-                                             allow_random=True)
         self._engine = None
         self._controller = None
         self.last_prompt = None    # the latest prompt handed to the engine, in voxel indices
         self.prompt_count = 0      # prompts the engine has taken so far (numbers last_prompt)
+        self._propagation_asked = None  # monotonic time of the latest propagate/refine, for its report
 
     # --- the engine ------------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> None:
@@ -60,7 +45,7 @@ class Segmenter:
         so that a bad setting fails before the page is served."""
         from MedSAM2Lib.engine_process import EngineStopped
 
-        self._engine = self._model_settings.create_engine()
+        self._engine = self.settings.create_engine()
         try:
             self._engine.wait_ready(timeout=timeout)
         except (MedSAM2Error, TimeoutError, EngineStopped):
@@ -86,7 +71,7 @@ class Segmenter:
             self._controller.shutdown()  # not the engine: it is ours, and serves the new scene too
         self._controller = ModuleController(scene, on_error=lambda exc: self._on_error(describe_error(exc)[1]),
                                             on_message=self._on_message, on_finished=self._finished)
-        self._controller.set_options(memory=self.settings.memory)
+        self._controller.set_options(memory=self.memory)
         self._controller.use_engine(self._engine)
         return self._controller
 
@@ -128,16 +113,22 @@ class Segmenter:
         self._call("place_box", ras_a, ras_b, slice_normal, show=False)
 
     def propagate(self, direction: str = "both", slice_range=None, slice_normal=None) -> None:
+        self._propagation_asked = time.monotonic()
         self._call("propagate", direction, slice_range, slice_normal)
 
     def refine(self, ras, slice_normal, slice_range=None) -> None:
         """Propagate both ways from the slice through `ras` (after correcting it with prompts)."""
+        self._propagation_asked = time.monotonic()
         self._call("refine", ras, slice_normal, slice_range)
 
     def viewing(self, ras, slice_normal, view: str) -> None:
         """A slice view moved to the slice through `ras`: the engine prepares a click there when idle."""
         if self._controller is not None:
             self._controller.viewing(ras, slice_normal, view)
+
+    def use_edited_slice(self, ras, slice_normal) -> None:
+        """The segment as it is on the slice through `ras` becomes that slice's prompt (a mask)."""
+        self._call("use_edited_slice", ras, slice_normal)
 
     def _call(self, name, *args, **kwargs):
         if self._controller is None:
@@ -175,6 +166,10 @@ class Segmenter:
         return was_busy or self._controller.busy
 
     def _finished(self, session, job) -> None:
+        if job.kind == "propagation" and job.error is None and not job.cancelled and self._propagation_asked:
+            # the page's bar goes away: say what happened (a cancel says so itself)
+            took = duration_text(time.monotonic() - self._propagation_asked)
+            self._on_message(f"Propagated {job.done_frames} slice{'s' * (job.done_frames != 1)} in {took}.")
         action = job.action
         if action is None or action.prompt is None:
             return
@@ -216,3 +211,11 @@ def _describe_prompt(session, action, kind) -> dict:
         x0, y0, x1, y1 = prompt.box
         out["box"] = [ijk(x0, y0), ijk(x1, y1)]
     return out
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as a user reads it: "0.8 s", "12 s", "1 min 43 s"."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    return f"{whole} s" if whole < 60 else f"{whole // 60} min {whole % 60} s"

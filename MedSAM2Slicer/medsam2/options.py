@@ -7,3 +7,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")  # "cuda:N" is accepted too wherever a 
 PRECISIONS = ("auto", "float32", "bfloat16")
 AXES = ("one", "all")  # propagate along the prompted axis, or along all three and fuse
 DIRECTIONS = ("forward", "backward", "both")  # propagation: from the start frame up, down, or both
+
+
+def image_size_problem(size: int) -> str | None:
+    """What is wrong with a model input size, or None: the one rule (the model's patch grid is 16 px
+    and its feature pyramid halves twice more, so sizes step by 32; below 128 the grid collapses)."""
+    if size % 32 or size < 128:
+        return f"must be a multiple of 32 and at least 128; got {size}"
+    return None

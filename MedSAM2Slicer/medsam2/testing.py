@@ -40,3 +40,28 @@ def write_random_checkpoint(path, name="sam2.1_hiera_tiny", seed=0, image_size=N
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, RANDOM_MARK: True, "medsam2_model": name, "seed": seed}, path)
     return path
+
+
+def cached_random_checkpoint(name: str, image_size: int | None = None) -> Path:
+    """The random-weight test checkpoint for registry model `name` at `image_size`, written once into
+    the cache (`medsam2 VERB --random-weights`, `scripts/demo.sh --random-weights`) and reused."""
+    import os
+    import tempfile
+
+    from .models.checkpoints import cache_dir
+    from .models.registry import get_spec
+
+    spec = get_spec(name)
+    size = int(image_size or spec.image_size)
+    path = cache_dir() / "random-weights" / f"{spec.name}_{size}px.pt"
+    if not path.is_file():  # written beside, then renamed: a second command never reads half a file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        os.close(handle)
+        try:
+            write_random_checkpoint(tmp, spec.name, image_size=size)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path

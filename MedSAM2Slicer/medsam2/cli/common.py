@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 
-from ..options import AXES, DEFAULT_MODEL, DEVICES, MEMORY_MODES, PRECISIONS
+from ..options import AXES, DEFAULT_MODEL, DEVICES, MEMORY_MODES, PRECISIONS, image_size_problem
 
 DEVICE_HELP = "auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N (the N-th GPU) or mps"
 
@@ -42,6 +42,9 @@ def add_model_arguments(p, *, checkpoint_help: str | None = None, precision_help
                    help=precision_help or "auto (default): bfloat16 on CUDA, float32 on a CPU (exactly SAM2's "
                                           "results); bfloat16 on a CPU is faster only with bf16 units "
                                           "(AVX512-BF16, AMX), and 9-21x slower without (docs/performance.md)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="try the verb offline: random test weights for --model (written once into the cache, as "
+                        "scripts/demo.sh --random-weights does); results are meaningless and a banner says so")
 
 
 def add_compile_argument(p) -> None:
@@ -72,9 +75,30 @@ def check_model_inputs(args) -> None:
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise InputError(f"--checkpoint {checkpoint}: no such file")
+    image_size = getattr(args, "image_size", None)
+    if image_size is not None and image_size_problem(image_size):
+        raise InputError(f"--image-size {image_size}: {image_size_problem(image_size)}")
     window = getattr(args, "window", None)
     if window is not None and not window[0] < window[1]:
         raise InputError(f"--window {window[0]:g} {window[1]:g}: LOW must be below HIGH")
+    if getattr(args, "random_weights", False):
+        use_random_weights(args)
+
+
+def use_random_weights(args) -> None:
+    """--random-weights: point --checkpoint at the cached random-weight test checkpoint for --model
+    (written on first use). The model then loads through the normal path, which prints the banner."""
+    from ..errors import InputError
+    from ..models.registry import get_spec
+
+    if args.checkpoint is not None:
+        raise InputError("give --random-weights or --checkpoint FILE, not both")
+    if getattr(args, "server", None):
+        raise InputError("--server runs the model on that server with its own weights: drop --random-weights")
+    get_spec(args.model)  # an unknown model name is said before anything is written
+    from ..testing import cached_random_checkpoint
+
+    args.checkpoint = str(cached_random_checkpoint(args.model, args.image_size))
 
 
 def load_model_for_cli(args, meaning: str = "results"):
@@ -102,3 +126,28 @@ def random_weights_banner(meaning: str = "results") -> None:
     bar = "*" * 72
     say(f"{bar}\nRANDOM WEIGHTS: {meaning} are meaningless (this checkpoint is a test file, not a trained "
         f"model)\n{bar}")
+
+
+def extra_install_command(extra: str) -> str:
+    """The one command that installs the optional part `extra` (a pyproject extra) into the
+    environment this `medsam2` runs in: this Python's pip, this checkout when it runs from one."""
+    import shlex
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[3]
+    python = shlex.quote(sys.executable)
+    if (checkout / "pyproject.toml").is_file() and (checkout / "scripts" / "install.sh").is_file():
+        return f"{python} -m pip install -e {shlex.quote(f'{checkout}[{extra}]')}  (or: bash {checkout}/scripts/install.sh)"
+    return f"{python} -m pip install 'medsam2-slicer[{extra}]'"
+
+
+def require_extra(extra: str, modules: tuple[str, ...]) -> None:
+    """Raise one clear MedSAM2Error naming the install command when a module of `extra` is missing."""
+    from importlib.util import find_spec
+
+    from ..errors import MedSAM2Error
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise MedSAM2Error(f"the optional '{extra}' part is not installed in {sys.prefix} ({', '.join(missing)} "
+                           f"missing); install it with: {extra_install_command(extra)}")

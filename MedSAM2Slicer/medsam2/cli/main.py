@@ -82,6 +82,8 @@ examples:
   medsam2 download {DEFAULT_MODEL}                 the recommended weights, once (or pass --checkpoint FILE)
   medsam2 segment CT.nrrd --prompts lungs.json --output lungs.seg.nrrd
   medsam2 serve --host 0.0.0.0 --token-file token.txt
+  medsam2 web CT.nrrd                             segment in a web browser, on Slicer's slice views
+  medsam2 segment CT.nrrd -p lungs.json -o out.seg.nrrd --random-weights   (offline try-out: meaningless masks)
 
 `medsam2 VERB --help` lists a verb's arguments. Every verb and flag, with examples:
   {docs_location()}""")

@@ -194,6 +194,11 @@ def parse_prompts_json(data, source="prompts"):
             if "min" not in b or "max" not in b:
                 raise InputError(f'{bw}: a box needs "min" and "max" corners')
             lo, hi = _vector(b["min"], f"{bw} min"), _vector(b["max"], f"{bw} max")
+            if np.count_nonzero(lo != hi) < 2:  # a line or a point spans no rectangle on any slice
+                raise InputError(
+                    f"{bw}: its corners {_fmt(lo)} and {_fmt(hi)} differ in {np.count_nonzero(lo != hi)} coordinate(s); "
+                    "a box has a width and a height on its slice: give two opposite corners that differ in both "
+                    "in-slice coordinates (and share the slice's)")
             stored_system, corners = _to_system(system, np.stack([lo, hi]))
             obj.boxes.append(Box(stored_system, corners, f"{bw} from {system.upper()} {_fmt(lo)} to {_fmt(hi)}"))
         if not obj.points and not obj.boxes:
@@ -378,6 +383,10 @@ def to_frame_prompts(objects, volume, axis):
                 _, x, y = index_to_frame_pixel(corners, axis)
             # a pixel covers [-0.5, n - 0.5) around its centre: clip an ROI overhanging the image to that
             box = np.array([max(x.min(), -0.5), max(y.min(), -0.5), min(x.max(), cols - 0.5), min(y.max(), rows - 0.5)])
+            if not (box[2] > box[0] and box[3] > box[1]):  # e.g. a box drawn across another --axis, a flat ROI
+                raise InputError(f"{b.where} has no {'width' if box[2] <= box[0] else 'height'} on {letter} = {frame} "
+                                 f"(--axis {axis}); a box needs two opposite corners apart in both directions of "
+                                 "its slice")
             s = slot(obj.id, frame)
             if s["box"] is not None:
                 raise InputError(f"{b.where} is a second box for object {obj.name!r} on {letter} = {frame} "

@@ -15,7 +15,7 @@ from ..tracking.features import FeatureCache
 from ..tracking.frames import FrameSource
 from ..tracking.image_set import ImageSetSession, open_images
 from ..tracking.memory_bank import bank_params_for
-from ..options import DEVICES, PRECISIONS
+from ..options import DEVICES, PRECISIONS, image_size_problem
 from ..tracking.prefetch import FramePrefetcher
 from ..tracking.session import Session
 
@@ -152,14 +152,15 @@ def load_model(name, checkpoint=None, device="auto", image_size=None, precision=
 
     spec = registry.get_spec(name)
     size = int(image_size or spec.image_size)
-    if size % 32 or size < 128:
-        raise InputError(f"image_size must be a multiple of 32 and at least 128; got {size}")
+    problem = image_size_problem(size)
+    if problem:
+        raise InputError(f"image_size {problem}")
     dev = pick_device(device)
     # refuse bad values before any download or build; bf16 emulated on a CPU is said once
     warn_if_bf16_is_slow(resolve_precision(precision, dev), dev.type)
     mode = compile_mode(compile)
     path = checkpoints.resolve(name, checkpoint)
-    ckpt = checkpoints.read_checkpoint(path)
+    ckpt = checkpoints.read_checkpoint(path, users_file=checkpoint is not None)
     predictor = build_predictor(spec.config, size, "cpu", spec.hydra_overrides)
     checkpoints.load_state_dict_strict(predictor, ckpt.state_dict, source=str(path))
     predictor = predictor.to(dev).eval()

@@ -27,6 +27,8 @@ EMPTY_BANK = (255, 140, 0)
 LEGEND = [(OWN, "tracked slice"), (PROMPTED, "prompted slice attended"), (ATTENDED, "memory attended"),
           (BANKED, "in memory, not attended"), (EMPTY_BANK, "only prompted slices attended")]
 
+ROW_KEY = "row labels: the slice tracked and its pass, F forward (rising slice numbers) or B backward (falling)"
+
 LEFT, TOP, BOTTOM, GAP, TAB = 64, 44, 58, 24, 6
 MAX_SIDE = 900  # a panel's larger side, in pixels, before cells shrink below their largest size
 
@@ -50,7 +52,7 @@ class TracePicture:
         self.panel = (self.num_frames * self.cell, most_rows * self.cell)
         panels = max(1, len(self.objects))
         small = _font(10)
-        legend = 8 + sum(22 + int(small.getlength(text)) for _, text in LEGEND)
+        legend = max(8 + sum(22 + int(small.getlength(text)) for _, text in LEGEND), 16 + int(small.getlength(ROW_KEY)))
         self.size = (max(panels * (LEFT + self.panel[0]) + (panels - 1) * GAP + GAP // 2, legend),
                      max(TOP + self.panel[1] + BOTTOM, 140))
 
@@ -65,6 +67,8 @@ class TracePicture:
         return x0, y0, x0 + self.cell - 1, y0 + self.cell - 1
 
     def render(self) -> Image.Image:
+        """The picture; `texts` then lists every label drawn on it."""
+        self.texts: list[str] = []
         image = Image.new("RGB", self.size, WHITE)
         draw = ImageDraw.Draw(image)
         font, small = _font(12), _font(10)
@@ -101,11 +105,13 @@ class TracePicture:
             record = rows[r]
             text = f"{record['frame']} {'B' if record['direction'] == 'backward' else 'F'}"
             draw.text((x - LEFT + 4, y + r * self.cell), text, fill=TEXT, font=small)
+            self.texts.append(text)
         tick_every = next(t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t * self.cell >= 24
                           or t == 1000)
         for frame in range(0, self.num_frames, tick_every):
             draw.text((x + frame * self.cell, y - 14), str(frame), fill=TEXT, font=small)
         draw.text((x, y + height + 4), "slice attended / held in memory ->", fill=TEXT, font=small)
+        self.texts.append("slice attended / held in memory ->")
 
     def _fill(self, draw, obj_id, row, frame, colour):
         if 0 <= frame < self.num_frames:
@@ -113,6 +119,8 @@ class TracePicture:
 
     def _legend(self, draw, small):
         x, y = 8, self.size[1] - 22
+        draw.text((x, y - 16), ROW_KEY, fill=TEXT, font=small)  # what "12 F" and "12 B" on the left mean
+        self.texts.append(ROW_KEY)
         for colour, text in LEGEND:
             draw.rectangle((x, y + 2, x + 9, y + 11), fill=colour)
             draw.text((x + 13, y), text, fill=TEXT, font=small)

@@ -72,8 +72,12 @@ def check_box(box, shape, place="the frame"):
     b = np.asarray(box, dtype=np.float64).reshape(-1)
     if b.size != 4:
         raise InputError(f"box must be (x0, y0, x1, y1); got {np.asarray(box).tolist()}")
-    x0, x1 = sorted((b[0], b[2]))
+    x0, x1 = sorted((b[0], b[2]))  # corners in any order
     y0, y1 = sorted((b[1], b[3]))
+    if not (x1 > x0 and y1 > y0):  # SAM2 would take a line as a box and segment something anyway
+        side = "width (x0 == x1)" if not x1 > x0 else "height (y0 == y1)"
+        raise InputError(f"box {np.round(b, 2).tolist()} in {place} has zero {side}; a box needs two opposite "
+                         "corners apart in both directions")
     _check_xy("box corner (x0, y0)", x0, y0, shape, place)
     _check_xy("box corner (x1, y1)", x1, y1, shape, place)
     return np.array([x0, y0, x1, y1], dtype=np.float32)
