@@ -65,3 +65,24 @@ def test_prepare_on_an_untracked_slice_encodes_it_and_a_prompted_one_skips_memor
     assert s._tracking.prepared.frames() == []
     with pytest.raises(InputError, match="outside the volume"):
         s.prepare(10)
+
+
+def test_preparing_brings_a_spilled_frame_back_into_ram_exactly():
+    import torch
+
+    from medsam2.tracking.features import FeatureCache
+
+    cache = FeatureCache(ram_mb=0.001)  # room for one frame: the others spill to disk
+
+    def encoded(v):
+        return {"backbone_fpn": [torch.full((1, 4, 8, 8), v + 0.25), torch.full((1, 2, 4, 4), v).to(torch.bfloat16)],
+                "vision_pos_enc": [torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 4, 4)]}
+
+    for frame in range(3):
+        cache.put(frame, encoded(float(frame)))
+    assert list(cache._ram) == [2]
+    cache.keep_in_ram(0)
+    assert list(cache._ram) == [0] and len(cache) == 3  # frame 2 spilled in its place
+    for frame in range(3):
+        got, want = cache.get(frame, "cpu")["backbone_fpn"], encoded(float(frame))["backbone_fpn"]
+        assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want))

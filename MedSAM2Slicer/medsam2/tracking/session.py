@@ -177,6 +177,7 @@ class Session:
         state, prepared = self._tracking.inference_state, self._tracking.prepared
         with self._lock, torch.inference_mode(), self.model.autocast():
             prepared.touch(frame)
+            self.feature_cache.keep_in_ram(frame)  # the click reads its image features from RAM
             todo = []
             for obj_idx, obj_id in enumerate(state["obj_ids"]):
                 tracked = state["frames_tracked_per_obj"][obj_idx].get(frame)
