@@ -80,7 +80,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def correction_cost(model, slices: int = 200, offset: int = 15, memory: str = "sam2") -> dict:
     """First pass, then a correction `offset` slices above the prompt (at most a quarter of the
-    volume above it) refined two ways (two sessions
+    volume above it; the slice prepared first, as the view showing it has it) refined two ways (two sessions
     on the same frames, the second reusing the first's image features): time, slices re-tracked,
     Dice between the results; and the agreement sweep."""
     volume = chest_volume(slices)
@@ -92,6 +92,7 @@ def correction_cost(model, slices: int = 200, offset: int = 15, memory: str = "s
         s.add_prompt(mid, points=[CLICK], labels=[1])
         first_s, first_cpu = _timed(lambda: list(s.propagate("both")))
         before = s.mask(1)
+        s.prepare(fix)  # the user looks at the slice before correcting it: idle time, untimed
 
         def correct():
             s.add_prompt(fix, points=[(88.0, 64.0)], labels=[1])
