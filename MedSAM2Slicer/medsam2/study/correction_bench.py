@@ -29,48 +29,61 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _gflop(fn) -> float:
+    """The work itself, independent of the machine's load: floating-point operations, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _measure(what: tuple, click, repeats: int, setup=lambda: None, after=lambda: None) -> dict:
+    """One row: `click` once under the FLOP counter, then `repeats` timed times (setup and after
+    untimed around each)."""
+    setup()
+    gflop = _gflop(click)
+    after()
+    times = []
+    for _ in range(repeats):
+        setup()
+        times.append(_timed(click))
+        after()
+    (when, slice_kind, prepared) = what
+    return {"when": when, "slice": slice_kind, "prepared": prepared, "gflop": gflop, "repeats": repeats,
+            "median_ms": 1000 * statistics.median(t[0] for t in times), "min_ms": 1000 * min(t[0] for t in times),
+            "cpu_ms": 1000 * statistics.median(t[1] for t in times)}
+
+
 def click_latency(model, slices: int = 24, repeats: int = 5, memory: str = "sam2") -> list[dict]:
-    """Median click latency on the engine: before propagation, then after it on the prompted slice
-    and on a propagated one, each prepared (Session.prepare first, untimed) or not."""
+    """Click cost on the engine (median time, CPU time, GFLOP): before propagation, then after it on
+    the prompted slice and on a propagated one, each prepared (Session.prepare first, untimed) or not."""
     volume = chest_volume(slices)
     mid, other = slices // 2, slices // 2 + slices // 4
     s = model.open(volume, memory=memory)
     s.add_prompt(mid, points=[CLICK], labels=[1])
-    near = [(CLICK[0] + 1 + i % 3, CLICK[1]) for i in range(repeats)]  # points that add up on the slice
-    rows = [("before propagation", "prompted", False,
-             [_timed(lambda p=p: s.add_prompt(mid, points=[p], labels=[1])) for p in near])]
-    list(s.propagate("both"))
+    near = iter([(CLICK[0] + 1 + i % 3, CLICK[1]) for i in range(4 * repeats + 4)])  # points that add up
 
-    def prompted(prepare: bool) -> list[float]:
-        times = []
-        for p in near:
-            s._tracking.memory_changed()  # measure from scratch: drop what an earlier click prepared
-            if prepare:
-                s.prepare(mid)
-            times.append(_timed(lambda p=p: s.add_prompt(mid, points=[p], labels=[1])))
-        return times
+    def on_prompted():
+        s.add_prompt(mid, points=[next(near)], labels=[1])
 
-    def propagated(prepare: bool) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            if prepare:
-                s.prepare(other)
-            times.append(_timed(lambda: s.add_prompt(other, points=[(60.0, 40.0)], labels=[0])))
-            s.clear_prompts(other, 1)  # undo: the slice is a propagated one again (and unprepared)
-        return times
+    def on_propagated():
+        s.add_prompt(other, points=[(60.0, 40.0)], labels=[0])
 
-    prepare_s = []
-    for _ in range(repeats):
+    def fresh(frame=None):  # drop what an earlier click prepared; prepare `frame` if given
         s._tracking.memory_changed()
-        prepare_s.append(_timed(lambda: s.prepare(other)))
-    rows += [("after propagation", "prompted", False, prompted(False)),
-             ("after propagation", "prompted", True, prompted(True)),
-             ("after propagation", "propagated", False, propagated(False)),
-             ("after propagation", "propagated", True, propagated(True))]
-    rows.append(("Session.prepare itself", "propagated", None, prepare_s))
-    return [{"when": w, "slice": k, "prepared": p, "median_ms": 1000 * statistics.median(x[0] for x in t),
-             "min_ms": 1000 * min(x[0] for x in t), "cpu_ms": 1000 * statistics.median(x[1] for x in t),
-             "repeats": len(t)} for w, k, p, t in rows]
+        if frame is not None:
+            s.prepare(frame)
+
+    rows = [_measure(("before propagation", "prompted", False), on_prompted, repeats)]
+    list(s.propagate("both"))
+    undo = lambda: s.clear_prompts(other, 1)  # noqa: E731 - the slice is a propagated one again
+    rows += [_measure(("after propagation", "prompted", False), on_prompted, repeats, fresh),
+             _measure(("after propagation", "prompted", True), on_prompted, repeats, lambda: fresh(mid)),
+             _measure(("after propagation", "propagated", False), on_propagated, repeats, fresh, undo),
+             _measure(("after propagation", "propagated", True), on_propagated, repeats, lambda: fresh(other), undo),
+             _measure(("Session.prepare itself", "propagated", None), lambda: s.prepare(other), repeats, fresh)]
+    return rows
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,13 +163,14 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 def format_click_table(rows: list[dict], image_size: int) -> str:
     base = next(r["median_ms"] for r in rows if r["when"] == "before propagation")
     base_cpu = next(r["cpu_ms"] for r in rows if r["when"] == "before propagation")
+    base_gflop = next(r["gflop"] for r in rows if r["when"] == "before propagation")
     body = [[r["when"], r["slice"], "-" if r["prepared"] is None else ("yes" if r["prepared"] else "no"),
              f"{r['median_ms']:.0f}", f"{r['min_ms']:.0f}", f"{r['median_ms'] / base:.1f}x", f"{r['cpu_ms']:.0f}",
-             f"{r['cpu_ms'] / base_cpu:.1f}x"] for r in rows]
-    return (f"Click latency on the engine at {image_size} px (median of {rows[0]['repeats']}; CPU: this process's "
-            "CPU time, all threads)\n"
-            + _table(["click", "slice", "prepared", "median ms", "min ms", "vs before", "CPU ms", "CPU vs before"],
-                     body))
+             f"{r['cpu_ms'] / base_cpu:.1f}x", f"{r['gflop']:.2f}", f"{r['gflop'] / base_gflop:.1f}x"] for r in rows]
+    return (f"Click cost on the engine at {image_size} px (median of {rows[0]['repeats']}; CPU: this process's "
+            "CPU time, all threads; GFLOP: counted by torch, independent of the machine's load)\n"
+            + _table(["click", "slice", "prepared", "median ms", "min ms", "vs before", "CPU ms", "CPU vs before",
+                      "GFLOP", "GFLOP vs before"], body))
 
 
 def format_correction_table(result: dict) -> str:
