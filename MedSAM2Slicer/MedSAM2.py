@@ -132,9 +132,11 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = MedSAM2Logic(on_error=self._showErrorLater, on_message=self._showMessage,
                                   on_changed=self._onChanged)
         from MedSAM2Lib.prompt_tools import PromptTools
+        from MedSAM2Lib.view_watch import SliceViewWatch
 
         appLogic = slicer.app.applicationLogic()
         self._tools = PromptTools(self.logic.controller, appLogic.GetInteractionNode(), appLogic.GetSelectionNode())
+        self._views = SliceViewWatch(self.logic.controller.viewing)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -177,6 +179,7 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self._removeShortcuts()
+        self._views.stop()
         if self._tools is not None:
             self._tools.close()
         self.removeObservers()
@@ -187,10 +190,12 @@ class MedSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._installShortcuts()
+        self._views.watch(slicer.util.getNodesByClass("vtkMRMLSliceNode"))  # the engine prepares their slices
         self._timer.start()
 
     def exit(self):
         self._removeShortcuts()
+        self._views.stop()
         self._setTool(None)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)

@@ -28,3 +28,25 @@ def test_bench_prints_the_table_and_sam2_mode_is_identical(capsys, tmp_path):
         assert "bfloat16 here: this CPU has no bfloat16 units (AVX512-BF16 or AMX)" in text and "8.6-9.8x" in text
     elif units:
         assert "this CPU has bf16 units" in text
+
+
+def test_correction_loop_bench_prints_the_click_and_correction_tables(capsys, tmp_path):
+    import json
+
+    out_json = tmp_path / "loop.json"
+    code = main(["bench", "--correction-loop", "--model", "sam2.1_hiera_tiny", "--click-size", "256",
+                 "--click-slices", "8", "--correction-slices", "12", "--repeats", "1", "--memory", "sam2",
+                 "--device", "cpu", "--json", str(out_json)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in text and "Click cost on the engine at 256 px" in text
+    assert "Correction on 12 slices at 256 px" in text and "Agreement sweep" in text
+    data = json.loads(out_json.read_text())
+    gflop = {(r["when"], r["slice"], r["prepared"]): r["gflop"] for r in data["clicks"]}
+    before = gflop[("before propagation", "prompted", False)]
+    for kind in ("prompted", "propagated"):  # a prepared click does the work of one before propagation
+        assert gflop[("after propagation", kind, True)] < 1.1 * before < gflop[("after propagation", kind, False)]
+    rows = {r["until"]: r for r in data["correction"]["rows"]}
+    assert rows["agreement"]["retracked"] <= rows["conditioning"]["retracked"]
+    assert rows["conditioning"]["dice_vs_conditioning"] == 1.0 and 0 < rows["agreement"]["dice_vs_conditioning"] <= 1
+    assert any(r["chosen"] for r in data["correction"]["sweep"])

@@ -121,7 +121,7 @@ def test_correction_then_refine_matches_official(model, official, ct_slab, tmp_p
     np.testing.assert_array_equal(fixed, (logits[0, 0] > 0).numpy())
     assert s.conditioning_frames(1) == [2, 7]
 
-    ours = collect(s.propagate(direction="both", start=7))
+    ours = collect(s.propagate(direction="both", start=7, until="conditioning"))
     # the official equivalent: forward from 7 to the end, backward from 7 to just after frame 2
     theirs = run_official(official, st, start=7, count=2)
     theirs.update(run_official(official, st, reverse=True, start=7, count=4))
@@ -155,7 +155,7 @@ def test_bfloat16_autocast_matches_official_under_the_same_autocast(random_check
         fixed = s.add_prompt(7, obj_id=1, points=[[90, 50]], labels=[0])
         _, _, logits = official.add_new_points_or_box(st, 7, 1, points=[[90, 50]], labels=[0])
         np.testing.assert_array_equal(fixed, (logits[0, 0] > 0).numpy())
-        ours = collect(s.propagate(direction="both", start=7))
+        ours = collect(s.propagate(direction="both", start=7, until="conditioning"))
         theirs = run_official(official, st, start=7, count=2)
         theirs.update(run_official(official, st, reverse=True, start=7, count=4))
     assert_same(ours, theirs)
@@ -170,3 +170,35 @@ def test_object_prompted_ahead_of_start_propagates(model, ct_slab):
     frames = [f for f, _ in s.propagate(direction="forward")]
     assert frames == list(range(2, 10))
     assert s.mask(2)[2:6].any()  # object 2 is tracked on frames before its own prompt
+
+
+def test_prepared_clicks_after_propagation_match_official(model, official, ct_slab, tmp_path):
+    """A click on a prepared slice reuses the memory-conditioned features computed ahead
+    (Session.prepare) and still gives the official predictor's mask, click after click."""
+    s = model.open(ct_slab, memory="sam2")
+    st = official_state(official, s, tmp_path)
+    for obj_id, point in ((1, [64, 64]), (2, [40, 60])):
+        s.add_prompt(2, obj_id=obj_id, points=[point], labels=[1])
+        official.add_new_points_or_box(st, 2, obj_id, points=[point], labels=[1])
+    collect(s.propagate(direction="both"))
+    run_official(official, st)
+    run_official(official, st, reverse=True)
+
+    prepared = s._tracking.prepared
+    # a correction on a propagated slice (first click, then a second one), then the prompted slice again
+    clicks = [(7, [[90, 50]], [0], True), (7, [[60, 70]], [1], False), (2, [[30, 40]], [0], False)]
+    for frame, points, labels, afresh in clicks:
+        s.prepare(frame)
+        s.prepare(frame)  # idempotent
+        ours = s.add_prompt(frame, obj_id=1, points=points, labels=labels)
+        _, _, logits = official.add_new_points_or_box(st, frame, 1, points=points, labels=labels,
+                                                      clear_old_points=afresh)
+        np.testing.assert_array_equal(ours, (logits[0, 0] > 0).numpy())
+    assert prepared.reused == 3  # each click used the prepared features
+    assert prepared.frames() == [7, 2]  # bounded: the last two prepared frames
+
+    ours = collect(s.propagate(direction="both", start=7, until="conditioning"))
+    theirs = run_official(official, st, start=7, count=2)
+    theirs.update(run_official(official, st, reverse=True, start=7, count=4))
+    assert_nontrivial(theirs)
+    assert_same(ours, theirs)

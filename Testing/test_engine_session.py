@@ -103,7 +103,7 @@ def test_correction_repropagates_only_its_span(model, ct_slab, memory):
     before = s.mask(1).copy()
     corrected = s.add_prompt(5, points=[[30, 90], [64, 64]], labels=[0, 1])
     assert s.conditioning_frames(1) == [2, 5, 8]
-    redone = [f for f, _ in s.propagate("both", start=5)]
+    redone = [f for f, _ in s.propagate("both", start=5, until="conditioning")]
     # forward stops before frame 8, backward before frame 2
     assert redone == [6, 7, 5, 4, 3]
     after = s.mask(1)

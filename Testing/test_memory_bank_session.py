@@ -154,7 +154,7 @@ def test_a_correction_evicts_its_frame_and_refine_replaces_only_the_redone_memor
     s.add_prompt(6, points=[[30, 90], [64, 64]], labels=[0, 1])
     assert 6 not in bank.frames(), "a corrected slice conditions; it leaves the bank at once"
     before = len(s.memory_trace())
-    assert frames_of(s.propagate("both", start=6)) == [7, 8, 9, 6, 5, 4, 3]
+    assert frames_of(s.propagate("both", start=6, until="conditioning")) == [7, 8, 9, 6, 5, 4, 3]
     new = {e.frame: e for e in bank.entries}
     assert 6 not in new
     for f in (0, 1):  # outside the span: the very same memories
@@ -179,7 +179,7 @@ def test_a_retracked_frame_never_reads_its_own_earlier_memory(model, ct_slab):
     frames_of(s.propagate("both"))
     assert 6 in s.memory_bank(1).frames()
     before = len(s.memory_trace())
-    frames_of(s.propagate("both", start=6))
+    frames_of(s.propagate("both", start=6, until="conditioning"))
     redo = s.memory_trace()[before:]
     assert [r["frame"] for r in redo if r["frame"] == 6] == [6, 6]  # forward, then backward again
     for r in redo:

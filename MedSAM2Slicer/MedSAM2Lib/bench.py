@@ -9,7 +9,9 @@ Runs on slicer-core (no Slicer application): slicerio's chest CT, its slices ups
   Slicer's main thread does (slicer_loop.py).
 
 Columns: first click (volume upload and encoding included), a click on a slice whose features are
-cached (after propagation), propagation throughput for both directions, and the slowest poll().
+cached (after propagation), a click after propagation on a slice prepared for it (Session.prepare;
+through the module: the engine session's prepare, the call the child's idle task makes for the
+slice a view shows), propagation throughput for both directions, and the slowest poll().
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
     ckpt = write_random_checkpoint(workdir / f"tiny_{size}.pt", "sam2.1_hiera_tiny", image_size=size)
     k = values.shape[0] // 2
     first_ijk, cached_ijk = (values.shape[2] // 3, values.shape[1] // 2, k), (values.shape[2] // 2, values.shape[1] // 3, k + 2)
+    prepared_ijk = (values.shape[2] // 2, values.shape[1] // 3, k - 2)
     row = {"size": size, "slices": values.shape[0], "frame": f"{values.shape[1]}x{values.shape[2]}"}
 
     # the engine alone, in this process
@@ -98,6 +101,11 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
     began = time.perf_counter()
     alone.add_prompt(frame2, obj_id=1, points=[[x2, y2]], labels=[1])
     row["alone_cached_click_s"] = time.perf_counter() - began
+    _, frame3, x3, y3 = geometry.locate(_ras(volume, prepared_ijk), AXIAL)
+    alone.prepare(frame3)
+    began = time.perf_counter()
+    alone.add_prompt(frame3, obj_id=1, points=[[x3, y3]], labels=[1])
+    row["alone_prepared_click_s"] = time.perf_counter() - began
     del alone, model
 
     # through the module, the engine in its child process, under Slicer's GIL policy
@@ -120,6 +128,9 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
         job = session.submit_propagate("both", slice_normal=AXIAL)
         row["module_fps"] = job.total / timed(job)
         row["module_cached_click_s"] = timed(session.submit_point(_ras(volume, cached_ijk), slice_normal=AXIAL))
+        handle = session._axes[layout.axis].engine
+        engine.wait(handle.prepare(frame3, now=True), 600)
+        row["module_prepared_click_s"] = timed(session.submit_point(_ras(volume, prepared_ijk), slice_normal=AXIAL))
         row["slowest_poll_ms"] = slowest_tick(ticks) * 1000
         session.close()
     finally:
@@ -129,8 +140,8 @@ def bench_size(size: int, values: np.ndarray, workdir: pathlib.Path) -> dict:
 
 def format_table(rows) -> str:
     head = ("| model input | slices | first click: alone / module (+ms) | click on a cached slice: alone / module (+ms) "
-            "| propagation, slices/s: alone / module | slowest poll |")
-    lines = [head, "|---|---|---|---|---|---|"]
+            "| click on a prepared slice: alone / module (+ms) | propagation, slices/s: alone / module | slowest poll |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
 
     def pair(alone, module):
         return f"{alone:.2f} s / {module:.2f} s ({(module - alone) * 1000:+.0f} ms)"
@@ -139,6 +150,7 @@ def format_table(rows) -> str:
         lines.append(f"| {r['size']} px ({r['frame']} frames) | {r['slices']} "
                      f"| {pair(r['alone_first_click_s'], r['module_first_click_s'])} "
                      f"| {pair(r['alone_cached_click_s'], r['module_cached_click_s'])} "
+                     f"| {pair(r['alone_prepared_click_s'], r['module_prepared_click_s'])} "
                      f"| {r['alone_fps']:.2f} / {r['module_fps']:.2f} ({r['module_fps'] / r['alone_fps']:.2f}x) "
                      f"| {r['slowest_poll_ms']:.1f} ms |")
     return "\n".join(lines)

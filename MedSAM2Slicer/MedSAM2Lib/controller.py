@@ -32,6 +32,7 @@ from .session import POLL_BUDGET_S, SegmentationSession
 
 log = logging.getLogger("MedSAM2")
 DIRECTIONS = ("both", "up", "down")
+VIEWING_SETTLE_S = 0.15  # a view's slice must rest this long before the engine prepares it (scrolling)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class ModuleController:
         self._target = (None, None, "")
         self._view = None  # the slice node review navigation reads and moves (attach_view)
         self.review_rule = FlagRule()  # which slices review() flags (set_review_rule)
+        self._viewing: dict = {}  # view name -> (ras, slice normal, when it last moved), until forwarded
         self._segment_watch: dict = {}  # segmentation node ID -> (node, observer tag)
         self._observers = [scene.AddObserver(scene.StartCloseEvent, self._on_scene_closing)]
         self._observers.append(scene.AddObserver(scene.NodeAboutToBeRemovedEvent, self._on_node_removed))
@@ -303,6 +305,22 @@ class ModuleController:
         self.on_changed()
         return action
 
+    def viewing(self, ras, slice_normal, view: str = "") -> None:
+        """A slice view (`view`: its name) now shows the slice through `ras`. Once it has rested
+        VIEWING_SETTLE_S (scrolling sends many), poll() tells the selected segment's session, whose
+        engine prepares a click there in its idle time. Never blocks."""
+        self._viewing[view] = (tuple(float(v) for v in ras), tuple(float(v) for v in slice_normal), time.monotonic())
+
+    def _forward_viewing(self) -> None:
+        settled = [k for k, (_, _, when) in self._viewing.items() if time.monotonic() - when >= VIEWING_SETTLE_S]
+        if not settled:
+            return
+        session = self.session(create=False)
+        for view in settled:
+            ras, normal, _ = self._viewing.pop(view)
+            if session is not None:
+                session.viewing(ras, normal)
+
     def cancel(self) -> None:
         """Cancel every queued and running job (finished slices of a propagation stay)."""
         for session in self.sessions():
@@ -453,6 +471,8 @@ class ModuleController:
             self._unload_when_idle()
         else:
             self._last_activity = time.monotonic()
+        if self._viewing:
+            self._forward_viewing()
         changed = False
         for session in self.sessions():
             if not (session.busy or session.reviewing):
@@ -484,4 +504,6 @@ class ModuleController:
             self.on_error(job.error)
         elif job.cancelled and isinstance(job, PropagationJob) and job.done_frames:
             self.on_message(f"Cancelled after {job.done_frames} of {job.total} slices; those stay (undo removes them).")
+        elif isinstance(job, PropagationJob) and job.report is not None and job.report.refine:
+            self.on_message(job.report.summary())  # "Refined 7 slices; the rest agreed"
         self.on_finished(session, job)

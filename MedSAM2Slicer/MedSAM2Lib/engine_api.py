@@ -69,9 +69,14 @@ class EngineSession(Protocol):
     def set_prompts(self, frame: int, obj_id: int, prompts: list[Prompt]) -> Request:
         """Make the engine hold exactly these prompts there (replay after undo/redo or a restart)."""
 
-    def propagate(self, direction: str = "both", start: int | None = None, stop=None, axes: str | None = None
-                  ) -> Request:
-        """A stream: items (frame, {obj_id: mask}) as frames finish; value {"frames", "cancelled"}."""
+    def propagate(self, direction: str = "both", start: int | None = None, stop=None, axes: str | None = None,
+                  until: str | None = None) -> Request:
+        """A stream: items (frame, {obj_id: mask}) as frames finish; value {"frames", "cancelled",
+        "report"} (report: where and why each direction stopped, PropagationReport.as_dict())."""
+
+    def prepare(self, frame: int, now: bool = False) -> Request:
+        """Make a click on `frame` cheap (Session.prepare). now=False: in the engine's idle time,
+        yielding to every request (the request is answered at once); now=True: answered when done."""
 
     def masks(self, obj_id: int | None = None) -> Request:
         """value: the engine's masks volume (one object's bool, or the uint16 label volume)."""

@@ -8,6 +8,7 @@ a caller can write and show frames as they come. Not for a GUI's main thread: us
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -16,6 +17,8 @@ import numpy as np
 from medsam2.prompt import Prompt, hold_prompts
 
 from .engine_api import Request
+
+log = logging.getLogger("MedSAM2")
 
 
 class InProcessEngine:
@@ -31,6 +34,7 @@ class InProcessEngine:
         self.model = model
         self._streams: list = []  # (request, generator) of running propagations
         self._sessions: list = []
+        self._idle: dict = {}  # session handle -> the frame to prepare when nothing else runs
 
     def start(self) -> None:
         """The model is loaded already."""
@@ -60,7 +64,10 @@ class InProcessEngine:
             try:
                 item = next(frames)
             except StopIteration:
-                request.finish({"cancelled": request.cancel_requested}, cancelled=request.cancel_requested)
+                report = getattr(getattr(request, "session", None), "last_propagation", None)
+                request.finish({"cancelled": request.cancel_requested,
+                                **({} if report is None else {"report": report.as_dict()})},
+                               cancelled=request.cancel_requested)
             except BaseException as exc:  # the error belongs to the request
                 request.finish(error=exc)
             else:
@@ -68,6 +75,13 @@ class InProcessEngine:
                 delivered += 1
                 continue
             self._streams.remove((request, frames))
+        if not self._streams and self._idle:  # idle time: prepare one viewed slice
+            handle, frame = self._idle.popitem()
+            if handle.session is not None:
+                try:
+                    handle.session.prepare(frame)
+                except Exception:  # an optimisation: a failure must not break the caller's poll
+                    log.exception("preparing slice %s failed", frame)
         return delivered
 
     def wait(self, request: Request, timeout: float | None = None) -> Request:
@@ -121,18 +135,28 @@ class InProcessSession:
     def set_prompts(self, frame: int, obj_id: int, prompts: list[Prompt]) -> Request:
         return self._call("set_prompts", lambda: hold_prompts(self.session, frame, obj_id, prompts) or {})
 
-    def propagate(self, direction="both", start=None, stop=None, axes=None) -> Request:
+    def propagate(self, direction="both", start=None, stop=None, axes=None, until=None) -> Request:
         if self.session is None:
             return _failed("propagate", self.opened.error)
         cancel = threading.Event()
         request = Request("propagate", stream=True, on_cancel=lambda r: cancel.set())
         kwargs = {"axes": axes} if axes not in (None, "one") else {}
+        if until is not None:
+            kwargs["until"] = until
         try:  # arguments are checked at the call, as the engine does
             frames = iter(self.session.propagate(direction=direction, start=start, stop=stop, cancel=cancel, **kwargs))
         except BaseException as exc:
             request.finish(error=exc)
             return request
+        request.session = self.session  # its last_propagation is the stream's report
         return self.engine._stream(request, frames)
+
+    def prepare(self, frame: int, now: bool = False) -> Request:
+        """now: prepare in the call; else at a later poll() with no propagation running (as this
+        engine computes everything: in the caller's thread, one step per poll)."""
+        if not now and self.session is not None:
+            self.engine._idle[self] = int(frame)
+        return self._call("prepare", lambda: (self.session.prepare(frame) if now else None) or {"prepared": now})
 
     def masks(self, obj_id=None) -> Request:
         return self._call("masks", lambda: self.session.masks() if obj_id is None else self.session.mask(obj_id))
@@ -142,6 +166,7 @@ class InProcessSession:
 
     def close(self) -> None:
         self.alive = False
+        self.engine._idle.pop(self, None)
         session, self.session = self.session, None
         if session is not None:
             try:

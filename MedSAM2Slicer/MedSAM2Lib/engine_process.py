@@ -99,10 +99,13 @@ class ChildSession:
         return self._request("set_prompts", {"frame": int(frame), "obj_id": int(obj_id),
                                              "prompts": [p.to_json() for p in prompts]})
 
-    def propagate(self, direction="both", start=None, stop=None, axes=None) -> Request:
+    def propagate(self, direction="both", start=None, stop=None, axes=None, until=None) -> Request:
         stop = list(stop) if isinstance(stop, (tuple, list)) else stop
-        return self._request("propagate", {"direction": direction, "start": start, "stop": stop, "axes": axes},
-                             stream=True)
+        return self._request("propagate", {"direction": direction, "start": start, "stop": stop, "axes": axes,
+                                           "until": until}, stream=True)
+
+    def prepare(self, frame: int, now: bool = False) -> Request:
+        return self._request("prepare", {"frame": int(frame), "now": bool(now)})
 
     def masks(self, obj_id=None) -> Request:
         return self._request("masks", {"obj_id": obj_id})

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from medsam2.prompt import Prompt
+from medsam2.tracking.refine import PropagationReport
 
 from .actions import OBJ_ID, Action, AxisState
 from .engine_api import CANCELLED, EngineSession, Request
@@ -164,6 +165,7 @@ class PropagationJob(Job):
         self.steps = 0
         self.steps_total = steps_total or total
         self.written: list = []  # frames written by the last step (for progress callbacks)
+        self.report = None       # the engine's PropagationReport: where and why each direction stopped
         self._cost = 0.002       # seconds to write one frame, learnt as frames are written
 
     @property
@@ -194,6 +196,9 @@ class PropagationJob(Job):
             self.written = sorted(batch)
         if items or not self.settled:
             return False
+        value = self._request.value
+        if isinstance(value, dict) and value.get("report"):
+            self.report = PropagationReport.from_dict(value["report"])
         if not self.discard and self.action.changes:
             self.context.record(self.action)  # one undo step, even after a cancel
         return self.finish(self._first_error())

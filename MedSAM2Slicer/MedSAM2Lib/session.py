@@ -87,6 +87,7 @@ class SegmentationSession:
         self._queue: deque = deque()
         self._running = None
         self._reviews: list = []  # (engine request, action): review records on their way
+        self._viewed: dict = {}   # axis -> the slice a view shows along it (prepared in the engine's idle time)
         self.notices: list = []   # messages for the user (e.g. the engine was restarted)
         self.closed = False
 
@@ -272,6 +273,32 @@ class SegmentationSession:
         queued = {j.frame for j in self._queue if isinstance(j, PromptJob) and j.state is state and not j.done}
         return sorted(set(state.prompted_frames()) | queued)
 
+    # --- the slice a view shows: the engine prepares a click there ---------------------------
+    def viewing(self, ras, slice_normal) -> None:
+        """A view shows the slice through `ras`: the engine prepares a click there in its idle time,
+        so that click runs only the prompt encoder and mask decoder. Never blocks; nothing is sent
+        along an axis without an engine session yet (nothing tracked there), or for an oblique view."""
+        if self.closed:
+            return
+        try:
+            axis = self.geometry.axis_for_normal(slice_normal)
+            frame = self.frame_index(ras, slice_normal)
+        except InputError:
+            return
+        if self._viewed.get(axis) != frame:
+            self._viewed[axis] = frame
+            self._prepare_viewed(axis)
+
+    def _prepare_viewed(self, axis) -> None:
+        """Ask the axis's engine session to prepare the viewed slice (again: a finished job changed
+        the memory it is prepared under). The request is answered at once; no reply is awaited."""
+        state, frame = self._axes.get(axis), self._viewed.get(axis)
+        if frame is None or state is None or state.engine is None or not state.engine.alive:
+            return
+        if state.engine.opened is not None and state.engine.opened.error is not None:
+            return
+        state.engine.prepare(frame)
+
     # --- the main-thread pump ---------------------------------------------------------------
     def poll(self, budget_s: float = POLL_BUDGET_S) -> list:
         """Start queued jobs and apply what the engine has finished, within about `budget_s`.
@@ -291,6 +318,9 @@ class SegmentationSession:
                 finished.append(job)
                 self._running = None
                 self._ask_review(job)
+                if not self._queue:  # idle now: the viewed slices are prepared under the new memory
+                    for axis in self._viewed:
+                        self._prepare_viewed(axis)
                 if time.monotonic() < deadline:
                     continue
             break

@@ -18,6 +18,7 @@ from medsam2.masks import pack_mask
 
 from MedSAM2Lib.shortcuts import SHORTCUTS, browser_key
 from medsam2.options import MIN_CONFIDENCE
+from MedSAM2Lib.view_watch import SliceViewWatch
 
 from . import page, scene, views
 from .segmenter import ModelSettings, Segmenter
@@ -61,6 +62,9 @@ class WebApp:
                 view.interactor().AddObserver("WindowResizeEvent", lambda *_, v=view: v.fit_view_to_content(), -1.0)
         red = self.slicer.view_manager.get_view("Red")
         self.segmenter.review_view = red.get_view_node() if red is not None else None
+        # the slice each view shows: the engine prepares a click there in its idle time
+        self.view_watch = SliceViewWatch(self.segmenter.viewing)
+        self.view_watch.watch([view.get_view_node() for view in self.slicer.view_manager.get_slice_views()])
         self.loaded: scene.LoadedVolume | None = None
         self.segmentation = None
         self.output_path = os.path.abspath(output_path)

@@ -134,6 +134,11 @@ class Segmenter:
         self._propagation_asked = time.monotonic()
         self._call("refine", ras, slice_normal, slice_range)
 
+    def viewing(self, ras, slice_normal, view: str) -> None:
+        """A slice view moved to the slice through `ras`: the engine prepares a click there when idle."""
+        if self._controller is not None:
+            self._controller.viewing(ras, slice_normal, view)
+
     def use_edited_slice(self, ras, slice_normal) -> None:
         """The segment as it is on the slice through `ras` becomes that slice's prompt (a mask)."""
         self._call("use_edited_slice", ras, slice_normal)

@@ -251,6 +251,8 @@ class Agent:
                   "stop": tuple(stop) if isinstance(stop, list) else stop, "cancel": cancel, "packed": True}
         if header.get("axes") == "all":
             kwargs["axes"] = "all"
+        if header.get("until"):
+            kwargs["until"] = header["until"]
         count = 0
         for frame, masks in session.propagate(**kwargs):
             fields, body = channel.masks_payload(masks)
@@ -258,7 +260,28 @@ class Agent:
             self.link.send({"id": header["id"], "type": "item", "frame": int(getattr(frame, "frame", frame)), **fields},
                            body)
             count += 1
-        return {"frames": count, "cancelled": bool(cancel is not None and cancel.is_set())}
+        report = getattr(session, "last_propagation", None)  # where and why each direction stopped
+        return {"frames": count, "cancelled": bool(cancel is not None and cancel.is_set()),
+                **({} if report is None else {"report": report.as_dict()})}
+
+    def op_prepare(self, header, payload, cancel):
+        """Prepare a click on a frame (Session.prepare): now, or (the default) in idle time, where it
+        yields to every request; the newest frame asked for a session replaces an older one."""
+        session, frame = self.session(header), int(header["frame"])
+        if header.get("now"):
+            session.prepare(frame)
+            return {"prepared": True}
+        kind = f"prepare {header['handle']}"
+
+        def prepare():
+            if not self.has_work():
+                session.prepare(frame)
+                return
+            with self._idle_lock:  # real work came first: try again after it, unless a newer frame was asked
+                self.idle.setdefault(kind, prepare)
+
+        self.set_idle(kind, prepare)
+        return {"prepared": False}
 
     def op_review(self, header, payload, cancel):
         obj_id = header.get("obj_id")
@@ -272,6 +295,7 @@ class Agent:
         return {"array": channel.array_meta(volume)}, volume.tobytes()
 
     def op_close(self, header, payload, cancel):
+        self.set_idle(f"prepare {header['handle']}", None)
         session = self.sessions.pop(header["handle"], None)
         if session is not None:
             session.close()

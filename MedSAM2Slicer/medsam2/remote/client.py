@@ -251,6 +251,7 @@ class RemoteSession:
         self._mirror = MaskMirror()
         self.reopened = 0
         self.on_reopen: Callable[[str], None] | None = None  # e.g. to show the message in a status bar
+        self.last_propagation = None  # the latest propagation's PropagationReport, once its stream ended
         self.id: str | None = None
         self._start(self._open_on_server())
 
@@ -325,15 +326,24 @@ class RemoteSession:
         params = {} if obj_id is None else {"obj_id": as_obj_id(obj_id)}
         return self._call("GET", "/review", "review", params=params).json()["records"]
 
+    def prepare(self, frame: int) -> bool:
+        """Make a click on `frame` cheap (the server computes its memory-conditioned features now).
+        False when the server was busy with real work and did nothing (nothing is lost: a click
+        then simply computes them itself)."""
+        data = self._call("POST", "/prepare", "prepare", json={"frame": as_integer(frame, "frame")}).json()
+        return bool(data["prepared"])
+
     def propagate(self, direction: str = "both", start: int | None = None, stop=None,
-                  cancel: threading.Event | None = None, axes: str | None = None, packed: bool = False):
+                  cancel: threading.Event | None = None, axes: str | None = None, packed: bool = False,
+                  until: str | None = None):
         """Generator of (frame, {obj_id: bool mask}) as the server finishes frames.
 
         Arguments are checked at the call (as locally); frames come as they finish. cancel: a
         threading.Event; once set, no further frame is yielded and the server stops within one
         frame (breaking out of the loop, or closing the generator, does the same). axes="all":
         the fused run of all three axes, yielding what a local session yields ((FusionProgress,
-        {}) items while the three runs go on, then every fused frame).
+        {}) items while the three runs go on, then every fused frame). until: as locally; where and
+        why each direction stopped is `last_propagation` once the stream has ended.
         """
         payload = {"direction": direction,
                    "start": None if start is None else as_integer(start, "start"),
@@ -342,6 +352,8 @@ class RemoteSession:
                        else as_integer(stop, "stop"))}
         if axes is not None:
             payload["axes"] = axes
+        if until is not None:
+            payload["until"] = until
         action = Action(PROPAGATE, payload, completed=False)
         response = self._perform(action)
         items = self._follow(response, cancel, action, packed)
@@ -351,7 +363,7 @@ class RemoteSession:
     def _follow(self, response, cancel, action: Action, packed: bool = False):
         """The caller's items, counted on the action (a replay stops where the caller did)."""
         lines = read_propagation(response, self.model.url, cancel, lambda line: self._decode_line(line, packed),
-                                 self._cancel_remote)
+                                 self._cancel_remote, on_end=self._keep_report)
         try:
             while True:
                 try:
@@ -479,6 +491,13 @@ class RemoteSession:
         frame = int(line["frame"])
         return frame, {int(obj): self._decode(self._mirror.resolve(int(obj), frame, enc, self._fetch_frame), packed)
                        for obj, enc in line["masks"].items()}
+
+    def _keep_report(self, end_line: dict) -> None:
+        report = end_line.get("report")
+        if report is not None:
+            from ..tracking.refine import PropagationReport  # numpy only
+
+            self.last_propagation = PropagationReport.from_dict(report)
 
     def _fetch_frame(self, frame: int) -> dict:
         return self._request("GET", f"/frames/{frame}", "get frame").json()["masks"]

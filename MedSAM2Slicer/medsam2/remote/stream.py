@@ -15,8 +15,9 @@ LINE_TIMEOUT_S = 120.0  # the server sends a line at least every second while a 
 
 
 def read_propagation(response: httpx.Response, url: str, cancel: threading.Event | None,
-                     decode_line: Callable[[dict], tuple], cancel_remote: Callable[[], None]) -> Generator:
-    """Yield decode_line(line) for every frame or progress line as it arrives.
+                     decode_line: Callable[[dict], tuple], cancel_remote: Callable[[], None],
+                     on_end: Callable[[dict], None] | None = None) -> Generator:
+    """Yield decode_line(line) for every frame or progress line as it arrives; on_end(end line).
 
     Returns (as the generator's value) True when the server said the run finished, False when
     `cancel` stopped it: once set, nothing more is yielded and the server is told to stop.
@@ -37,6 +38,8 @@ def read_propagation(response: httpx.Response, url: str, cancel: threading.Event
                     cancel_remote()
                     return False
             elif kind == "end":
+                if on_end is not None:
+                    on_end(line)
                 return not line.get("cancelled", False)
             elif kind == "error":
                 raise error_from_line(line, "propagate")

@@ -89,7 +89,7 @@ def run_scenario(model, volume, axis, bank, correction) -> list[dict]:
     if correction:  # a click three quarters up, then its span is redone (as bench.py does)
         fix = (3 * n) // 4
         session.add_prompt(fix, points=[[CORRECTION[0], CORRECTION[1]]], labels=[1])
-        for _ in session.propagate("both", start=fix):
+        for _ in session.propagate("both", start=fix, until="conditioning"):  # the figures in docs compare this
             pass
     records = session.memory_trace()
     rows = window_comparison(records, model.predictor.recency_window)

@@ -88,6 +88,18 @@ class FeatureCache:
                 self._ram_used -= self._record_bytes
                 self._write_slot(old, tensors)
 
+    def keep_in_ram(self, frame: int) -> None:
+        """Bring a spilled frame back into RAM as the most recently used (a prepared click there
+        then reads no file); nothing for a frame in RAM already, or not cached."""
+        with self._lock:
+            if frame in self._ram:
+                self._ram.move_to_end(frame)
+                return
+            if frame not in self._on_disk:
+                return
+            tensors = self._read_slot(self._on_disk[frame])
+        self.put(frame, {"backbone_fpn": tensors, "vision_pos_enc": self._pos_enc})
+
     def stats(self) -> dict:
         return {"frames": len(self), "in_ram": len(self._ram), "on_disk": len(self._on_disk),
                 "ram_bytes": self._ram_used, "hits": self.hits, "misses": self.misses}

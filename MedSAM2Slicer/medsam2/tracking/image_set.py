@@ -141,11 +141,11 @@ class ImageSetSession(Session):
         return self.frames.image_shapes
 
     def propagate(self, direction="both", start=None, stop=None, cancel=None, probabilities=False, axes=None,
-                  packed=False):
+                  packed=False, until=None):
         """Visit every image (order: see the module docstring); yields (image index, masks) as they finish."""
         if axes not in (None, "one"):
             raise InputError("axes='all' fuses the three axes of a volume; an image set has only its images")
-        return super().propagate(direction, start, stop, cancel, probabilities, packed=packed)
+        return super().propagate(direction, start, stop, cancel, probabilities, packed=packed, until=until)
 
     # -- results at each image's size --------------------------------------------------------
     def mask(self, obj_id) -> list[np.ndarray]:

@@ -23,6 +23,9 @@ class MaskStore:
         self._shape_of = shape_of  # (rows, cols) of a frame: one shape for a volume, one per image for a set
         self._kept: dict[int, dict[int, Kept]] = {}  # obj_id -> frame -> (packed bits, record)
 
+    def shape_of(self, frame: int) -> tuple[int, int]:
+        return self._shape_of(frame)
+
     def put(self, obj_id: int, frame: int, mask: np.ndarray, record: SliceRecord | None = None) -> None:
         """Keep a frame's mask. Without a record the frame keeps the one it had (SAM2 re-emits an
         object's unchanged mask when another object is prompted on the frame)."""
@@ -41,6 +44,11 @@ class MaskStore:
         """Pixels in the stored mask (0 for a frame with no result), counted on the packed bits."""
         kept = self._kept.get(obj_id, {}).get(frame)
         return 0 if kept is None else int(np.bitwise_count(kept[0]).sum())
+
+    def packed(self, obj_id: int, frame: int) -> np.ndarray | None:
+        """The stored bits of one frame (None: no result)."""
+        kept = self._kept.get(obj_id, {}).get(frame)
+        return None if kept is None else kept[0]
 
     def kept(self, obj_id: int, frame: int) -> Kept | None:
         """What one frame keeps (None: no result), for undo to put back with `restore`."""

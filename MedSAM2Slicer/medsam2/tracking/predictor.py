@@ -31,6 +31,7 @@ except metadata.PackageNotFoundError:  # a source checkout on sys.path: nothing 
     pass
 
 from .memory_bank import MemoryEntry, Recall, SelfSortingMemoryBank, unit
+from .prepared import PreparedFeatures
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _memory_in_input_dtype(module, args, kwargs):
 # Image descriptors are pooled to this grid so their size does not grow with the image size.
 DESCRIPTOR_GRID = 16
 BANK_KEY = "memory_bank"  # where a per-object bank lives inside that object's output dict
+PREPARED_KEY = "prepared_clicks"  # where a session's PreparedClicks live in its inference state
 
 
 class MedSAM2Predictor(SAM2VideoPredictor):
@@ -131,6 +133,7 @@ class MedSAM2Predictor(SAM2VideoPredictor):
         self.last_tracking: FrameTracking | None = None  # set by each tracked frame (under the model's lock)
         self.last_verdict: DecoderVerdict | None = None  # set by every decoded frame: prompted or tracked
         self._last_read = self._descriptor = None
+        self._reuse: PreparedFeatures | None = None  # prepared features the running step uses
         self.memory_attention.register_forward_pre_hook(_memory_in_input_dtype, with_kwargs=True)
 
     # -- image features ---------------------------------------------------------------------
@@ -180,9 +183,17 @@ class MedSAM2Predictor(SAM2VideoPredictor):
                                     run_mem_encoder, prev_sam_mask_logits=None):
         """The official step; for a tracked frame, also `self.last_tracking` (and the bank's admission)."""
         self.last_tracking = self.last_verdict = self._last_read = self._descriptor = None
-        compact_out, pred_masks = super()._run_single_frame_inference(
-            inference_state, output_dict, frame_idx, batch_size, is_init_cond_frame, point_inputs,
-            mask_inputs, reverse, run_mem_encoder, prev_sam_mask_logits)
+        prepared = inference_state.get(PREPARED_KEY)
+        if prepared is not None and not is_init_cond_frame:
+            self._reuse = prepared.matching(frame_idx, _obj_id_of(inference_state, output_dict), reverse,
+                                            output_dict.get(BANK_KEY))
+            prepared.reused += self._reuse is not None
+        try:
+            compact_out, pred_masks = super()._run_single_frame_inference(
+                inference_state, output_dict, frame_idx, batch_size, is_init_cond_frame, point_inputs,
+                mask_inputs, reverse, run_mem_encoder, prev_sam_mask_logits)
+        finally:
+            self._reuse = None
         self.last_verdict = DecoderVerdict(float(self._last_confidence[0]), float(self._last_object_score[0]))
         tracked = run_mem_encoder and point_inputs is None and mask_inputs is None and not is_init_cond_frame
         if not tracked:
@@ -232,10 +243,38 @@ class MedSAM2Predictor(SAM2VideoPredictor):
                 frames.append(((frame_idx - 2) // stride) * stride - (t_rel - 2) * stride)
         return frames
 
+    # -- prepared clicks (prepared.py) -------------------------------------------------------
+    def prepared_features(self, inference_state, output_dict, frame_idx, reverse, version) -> PreparedFeatures:
+        """What a click on a tracked frame computes before its prompt matters: the frame's features
+        conditioned on the object's memory, exactly as track_step computes them for that click.
+        The bank's read generator is left where it was (the click that reuses them advances it)."""
+        _, _, feats, pos, sizes = self._get_image_feature(inference_state, frame_idx, 1)
+        bank = output_dict.get(BANK_KEY)
+        rng_before = bank.rng_state() if bank is not None and bank.params.read == "softmax" else None
+        self._last_read = self._descriptor = None
+        pix_feat = self._prepare_memory_conditioned_features(
+            frame_idx=frame_idx, is_init_cond_frame=False, current_vision_feats=feats[-1:],
+            current_vision_pos_embeds=pos[-1:], feat_sizes=sizes[-1:], output_dict=output_dict,
+            num_frames=inference_state["num_frames"], track_in_reverse=reverse)
+        rng_after = None
+        if rng_before is not None:
+            rng_after = bank.rng_state()
+            bank.set_rng_state(rng_before)
+        return PreparedFeatures(reverse, version, pix_feat, self._last_read, self._descriptor, rng_before, rng_after)
+
+    def _reused_features(self, output_dict):
+        entry = self._reuse
+        self._last_read, self._descriptor = entry.read, entry.descriptor
+        if entry.rng_after is not None:
+            output_dict[BANK_KEY].set_rng_state(entry.rng_after)
+        return entry.pix_feat
+
     # -- which memories a frame attends to --------------------------------------------------
     def _prepare_memory_conditioned_features(self, frame_idx, is_init_cond_frame, current_vision_feats,
                                              current_vision_pos_embeds, feat_sizes, output_dict,
                                              num_frames, track_in_reverse=False):
+        if self._reuse is not None and not is_init_cond_frame:
+            return self._reused_features(output_dict)
         if is_init_cond_frame or self.num_maskmem == 0:
             return super()._prepare_memory_conditioned_features(
                 frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
@@ -329,3 +368,11 @@ class MedSAM2Predictor(SAM2VideoPredictor):
             num_obj_ptr_tokens=num_obj_ptr_tokens,
         )
         return pix_feat.permute(1, 2, 0).view(B, C, H, W)
+
+
+def _obj_id_of(inference_state, output_dict):
+    """The id of the object whose output dict this is (SAM2 hands the dict, not the object)."""
+    for obj_idx, out in inference_state["output_dict_per_obj"].items():
+        if out is output_dict:
+            return inference_state["obj_idx_to_id"][obj_idx]
+    return None

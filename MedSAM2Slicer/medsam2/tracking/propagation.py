@@ -22,6 +22,7 @@ from .features import release_free_memory
 from .mask_store import MaskStore
 from .memory_trace import MemoryTrace, trace_record
 from .review import SliceRecord
+from .refine import AgreementRule, DirectionReport, PropagationReport
 from .tracking_state import TrackingState
 
 TRIM_EVERY = 8  # frames between returns of freed heap memory to the OS (a trim costs ~1 ms)
@@ -33,6 +34,7 @@ class Pass:
     first: int
     last: int
     yields_first: bool = True
+    ends: str = "end"  # why it stops at `last`: "end" (volume), "conditioning" (refine), "stop" (asked)
 
     @property
     def frames(self) -> range:
@@ -46,16 +48,19 @@ def plan_passes(direction: str, start: int, conditioning: list[int], num_frames:
     `start`): each pass stops before the next conditioning frame. low/high_stop: the last frames to reach."""
     passes = []
     if direction in ("forward", "both"):
-        end = num_frames - 1
-        if refine:
-            end = min([c - 1 for c in conditioning if c > start] + [end])
-        passes.append(Pass(False, start, end if high_stop is None else min(end, high_stop),
-                           yields_first=direction != "both"))
+        end, ends = num_frames - 1, "end"
+        if refine and any(c > start for c in conditioning):
+            end, ends = min(c - 1 for c in conditioning if c > start), "conditioning"
+        if high_stop is not None and high_stop < end:
+            end, ends = high_stop, "stop"
+        passes.append(Pass(False, start, end, yields_first=direction != "both", ends=ends))
     if direction in ("backward", "both"):
-        end = 0
-        if refine:
-            end = max([c + 1 for c in conditioning if c < start] + [end])
-        passes.append(Pass(True, start, end if low_stop is None else max(end, low_stop)))
+        end, ends = 0, "end"
+        if refine and any(c < start for c in conditioning):
+            end, ends = max(c + 1 for c in conditioning if c < start), "conditioning"
+        if low_stop is not None and low_stop > end:
+            end, ends = low_stop, "stop"
+        passes.append(Pass(True, start, end, ends=ends))
     return passes
 
 
@@ -77,39 +82,47 @@ class Propagator:
     def __init__(self, model, tracking: TrackingState, results: MaskStore, trace: MemoryTrace):
         self.model, self.tracking, self.results, self.trace = model, tracking, results, trace
         self._predictor = model.predictor
+        self.last_report: PropagationReport | None = None
 
     def run(self, passes: list[Pass], cancel: threading.Event | None, probabilities: bool,
-            source: str = "propagated"):
-        """`source`: what the tracked frames' records say ("propagated", or "refined" after a correction)."""
+            report: PropagationReport, agreement: AgreementRule | None = None, source: str = "propagated"):
+        """Yields as the module docstring says; fills `report` as it goes and returns it. `source`: what
+        the tracked frames' records say ("propagated", or "refined" after a correction)."""
+        self.last_report = report
         held = None  # the start frame of a "both" call, until the backward pass redoes it
         for p in passes:
-            done = 0
-            for frame, item in self._run_pass(p, cancel, probabilities, source):
-                done += 1
+            direction = DirectionReport("backward" if p.reverse else "forward", p.first)
+            report.directions.append(direction)
+            for frame, item in self._run_pass(p, cancel, probabilities, direction, agreement, source):
                 if frame == p.first and not p.yields_first:
                     held = item
                     continue
                 if held is not None and frame == held[0]:
                     held = None
                 yield item
-            if done < len(p.frames):  # cancelled: what finished is kept; the start frame's result stands
+            if direction.reason == "cancelled":  # what finished is kept; the start frame's result stands
                 if held is not None:
                     yield held
-                return
+                return report
+        return report
 
-    def _run_pass(self, p: Pass, cancel, probabilities, source):
+    def _run_pass(self, p: Pass, cancel, probabilities, report: DirectionReport, agreement: AgreementRule | None,
+                  source: str):
         order = p.frames
         if not order:
+            report.reason = p.ends
             return
         state = self.tracking.inference_state
         prefetcher = self.model.prefetcher(state, order)
+        if agreement is not None:
+            agreement.new_direction()
         try:
             with self.model.lock, torch.inference_mode():
                 self._predictor.propagate_in_video_preflight(state)
                 # the memories of the slices this pass redoes describe results being replaced: none
                 # of its frames reads them (slices a later pass redoes are read as they stand, as
                 # SAM2 reads them; a frame never reads its own entry: SelfSortingMemoryBank.read)
-                self.tracking.discard_bank_frames(order)
+                taken = self.tracking.take_bank_frames(order)
             for position, frame in enumerate(order):
                 if cancel is not None and cancel.is_set():
                     return
@@ -117,9 +130,18 @@ class Propagator:
                     prefetcher.advance(position)
                 if position % TRIM_EVERY == TRIM_EVERY - 1:
                     release_free_memory()
+                before = None if agreement is None else {o: self.results.packed(o, frame) for o in self.tracking.obj_ids}
                 with self.model.lock, torch.inference_mode(), self.model.autocast():
                     item = self._track_frame(frame, p.reverse, probabilities, source)
+                report.frames.append(frame)
+                agreed = agreement is not None and agreement.agreed(frame, before, item[1], self.results.shape_of(frame))
                 yield frame, item
+                if agreed:  # the slices ahead keep their results, and their memories
+                    with self.model.lock:
+                        self.tracking.put_back_bank_frames(taken, set(order[position + 1:]))
+                    report.reason = "agreement"
+                    return
+            report.reason = p.ends
         finally:
             if prefetcher is not None:
                 prefetcher.stop()
@@ -147,6 +169,7 @@ class Propagator:
                 records[obj_id] = SliceRecord(verdict.confidence, verdict.object_score, source)
             state["frames_tracked_per_obj"][obj_idx][frame] = {"reverse": reverse}
             per_obj.append(logits)
+        self.tracking.memory_changed()  # new memories: clicks prepared before them are stale
         _, video_res = predictor._get_orig_video_res_output(state, torch.cat(per_obj, dim=0))
         masks = keep_logits(self.results, frame, obj_ids, video_res, records)
         if not probabilities:

@@ -26,6 +26,7 @@ from .prompts import PromptBook, check_box, check_direction, check_frame, check_
     check_stop
 from .propagation import Propagator, keep_logits, plan_passes
 from .review import FlagRule, SliceRecord, review_rows
+from .refine import AgreementRule, PropagationReport, check_until
 from .tracking_state import TrackingState
 
 
@@ -161,6 +162,7 @@ class Session:
             self._tracking.use_frame(frame)
             self._predictor.clear_all_prompts_in_frame(self._tracking.inference_state, frame, obj_id,
                                                        need_output=False)
+            self._tracking.memory_changed(obj_id)  # the frame's conditioning memory is gone
             before = self._book.pop_before(obj_id, frame)
             if before is not None:
                 tracked, shown = before
@@ -168,26 +170,56 @@ class Session:
                 self._results.restore(obj_id, frame, shown)
         self._book.forget(obj_id, frame)
 
+    def prepare(self, frame) -> None:
+        """Make a click on `frame` cheap: compute what it needs except the prompt, under the memory
+        as it stands now (blocking, idempotent; cheap when already prepared). That is the frame's
+        image features and, for each object tracked there, its memory-conditioned features; a click
+        then runs only the prompt encoder and mask decoder, with exactly the mask it would give
+        without this (prepared.py says when the prepared state is dropped)."""
+        frame = check_frame(frame, self.num_frames)
+        state, prepared = self._tracking.inference_state, self._tracking.prepared
+        with self._lock, torch.inference_mode(), self.model.autocast():
+            prepared.touch(frame)
+            self.feature_cache.keep_in_ram(frame)  # the click reads its image features from RAM
+            todo = []
+            for obj_idx, obj_id in enumerate(state["obj_ids"]):
+                tracked = state["frames_tracked_per_obj"][obj_idx].get(frame)
+                if tracked is not None and prepared.get(frame, obj_id, tracked["reverse"]) is None:
+                    todo.append((obj_idx, obj_id, tracked["reverse"]))
+            if not todo:  # untracked here, or already prepared: a click needs the image features
+                if frame not in self.feature_cache:
+                    self._predictor._get_image_feature(state, frame, 1)
+                return
+            for obj_idx, obj_id, reverse in todo:
+                entry = self._predictor.prepared_features(state, self._tracking.outputs(obj_idx), frame, reverse,
+                                                          prepared.version(obj_id))
+                prepared.put(frame, obj_id, entry)
+
     # -- propagation ------------------------------------------------------------------------
     def propagate(self, direction="both", start=None, stop=None, cancel: threading.Event | None = None,
-                  probabilities=False, axes=None, packed=False):
+                  probabilities=False, axes=None, packed=False, until: str | None = None):
         """Track the objects through the volume; yields (frame, {obj_id: mask}) as frames finish.
 
         Default (start=None): from the earliest prompted frame to the end and (for "both") back to
         the first slice, as the official predictor's forward then reverse propagate_in_video.
-        With `start=f` (refine after a correction at f): from f outward, each pass stopping before
-        the next conditioning frame (or at the volume's end), leaving the other slices untouched.
+        With `start=f` (refine after a correction at f): from f outward, leaving the other slices
+        untouched. until="agreement" (the refine's default) stops a direction once the new masks
+        agree with the previous ones on a few consecutive slices (refine.py); until="conditioning"
+        stops it only before the next conditioning frame (or at the volume's end).
         `stop` is the last frame to reach: an int for forward/backward, a (low, high) pair for both.
         Each frame is yielded once, with the result the session keeps: "forward" yields start..high,
         "backward" start..low, "both" start+1..high then start..low (the backward pass tracks the
         start frame again, as SAM2 does; a call cancelled before that yields it last).
         `cancel` is checked before every frame; finished frames are kept.
+        Where and why each direction stopped: `last_propagation` (also the generator's return value).
         probabilities=True yields (frame, masks, {obj_id: float32 probability (rows, cols)}) instead.
         axes="all": propagate along all three axes of the volume and fuse them (see fusion.py).
         packed=True yields each mask as a PackedMask (for a caller that passes it on).
         """
+        refine = start is not None
+        until = check_until(until, refine)
         if packed:
-            return _packed_items(self.propagate(direction, start, stop, cancel, probabilities, axes))
+            return _packed_items(self.propagate(direction, start, stop, cancel, probabilities, axes, until=until))
         if axes not in (None, "one"):
             from .fusion import propagate_all_axes
 
@@ -199,12 +231,20 @@ class Session:
             if not self.conditioning_frames(obj_id):
                 raise InputError(f"object {obj_id} has no prompts left; add one, or remove the object")
         cond = self.conditioning_frames()
-        refine = start is not None
         start = check_frame(start, self.num_frames) if refine else cond[0]
         low, high = check_stop(direction, start, stop, self.num_frames)
         passes = plan_passes(direction, start, cond, self.num_frames, low, high, refine)
+        report = PropagationReport(start, refine, until)
+        agreement = AgreementRule(start) if until == "agreement" else None
         # validated before the first frame is asked for
-        return self._propagator.run(passes, cancel, probabilities, "refined" if refine else "propagated")
+        return self._propagator.run(passes, cancel, probabilities, report, agreement,
+                                    "refined" if refine else "propagated")
+
+    @property
+    def last_propagation(self) -> PropagationReport | None:
+        """The latest propagate call's report, filled as it runs: per direction the frames
+        re-tracked and why it stopped ("agreement", "conditioning", "end", "stop", "cancelled")."""
+        return self._propagator.last_report
 
     # -- results ----------------------------------------------------------------------------
     def mask(self, obj_id) -> np.ndarray:
@@ -258,6 +298,7 @@ class Session:
         self._tracking.known(obj_id)
         with self._lock, torch.inference_mode():
             self._predictor.remove_object(self._tracking.inference_state, obj_id, strict=True, need_output=False)
+            self._tracking.memory_changed()
         self._results.drop(obj_id)
         self._book.drop_object(obj_id)
         self._trace.drop_object(obj_id)
@@ -266,6 +307,7 @@ class Session:
         """Forget every prompt, object, result and trace record; cached image features are kept."""
         with self._lock, torch.inference_mode():
             self._predictor.reset_state(self._tracking.inference_state)
+            self._tracking.memory_changed()
         self._results.clear()
         self._book.clear()
         self._trace.clear()

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import InputError
 from .memory_bank import BankParams, MemoryEntry, SelfSortingMemoryBank
-from .predictor import BANK_KEY
+from .predictor import BANK_KEY, PREPARED_KEY
+from .prepared import PreparedClicks
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrackingState:
             "frames_tracked_per_obj": {},
             "feature_cache": feature_cache,
             "memory_bank_params": bank_params,  # None = stock SAM2 memory (the predictor makes the banks)
+            PREPARED_KEY: PreparedClicks(),  # memory-conditioned features computed ahead of clicks
         }
 
     # -- facts ------------------------------------------------------------------------------
@@ -91,6 +93,15 @@ class TrackingState:
                 frames.update(d["cond_frame_outputs"])
         return sorted(frames)
 
+    @property
+    def prepared(self) -> PreparedClicks:
+        return self.inference_state[PREPARED_KEY]
+
+    def memory_changed(self, obj_id=None, unchanged_frame=None) -> None:
+        """Called wherever an object's memory (or every object's) changes: prepared clicks made
+        under the old memory are stale."""
+        self.prepared.memory_changed(obj_id, unchanged_frame)
+
     def bank(self, obj_idx: int) -> SelfSortingMemoryBank | None:
         return self.outputs(obj_idx).get(BANK_KEY)
 
@@ -100,13 +111,28 @@ class TrackingState:
         self.inference_state["video_height"], self.inference_state["video_width"] = self._shape_of(frame)
 
     # -- memory that a propagation replaces ---------------------------------------------------
-    def discard_bank_frames(self, frames) -> None:
-        """Drop every object's bank entries of these frames (their segmentation is about to be redone)."""
-        frames = list(frames)
+    def take_bank_frames(self, frames) -> dict[int, list[tuple[int, MemoryEntry]]]:
+        """Take every object's bank entries of these frames out (their segmentation is about to be
+        redone); returns them with their positions, per object index, for put_back_bank_frames."""
+        taken, frames = {}, set(frames)
         for idx in range(len(self.obj_ids)):
             bank = self.bank(idx)
             if bank is not None:
+                slots = [(pos, e) for pos, e in enumerate(bank.entries) if e.frame in frames]
                 bank.discard(frames)
+                taken[idx] = slots
+        self.memory_changed()
+        return taken
+
+    def put_back_bank_frames(self, taken: dict[int, list[tuple[int, MemoryEntry]]], frames: set[int]) -> None:
+        """A pass that stopped early: the entries of the frames it did not redo go back to their
+        places (unless the bank has filled since: SelfSortingMemoryBank.put_back)."""
+        for idx, slots in taken.items():
+            bank = self.bank(idx)
+            for position, entry in slots:  # in position order, so earlier places are filled first
+                if entry.frame in frames:
+                    bank.put_back(position, entry)
+        self.memory_changed()
 
     # -- undo of a frame's prompts --------------------------------------------------------------
     def leave_for_prompt(self, obj_id, frame) -> FrameBeforePrompt | None:
@@ -120,12 +146,15 @@ class TrackingState:
         if frame in out_dict["cond_frame_outputs"]:
             return None
         bank = self.bank(idx)
-        return FrameBeforePrompt(
+        before = FrameBeforePrompt(
             output=out_dict["non_cond_frame_outputs"].get(frame),
             tracked=self.inference_state["frames_tracked_per_obj"][idx].get(frame),
             bank_slot=bank.take(frame) if bank is not None else None,
             bank_rng=bank.rng_state() if bank is not None else None,
         )
+        if before.bank_slot is not None:  # other frames would read that entry; this one never does
+            self.memory_changed(obj_id, unchanged_frame=frame)
+        return before
 
     def restore_before_prompt(self, obj_id, frame, before: FrameBeforePrompt) -> None:
         """Undo: the frame holds again what it held before its first prompt, bank entry included."""
@@ -144,3 +173,4 @@ class TrackingState:
                 bank.put_back(*before.bank_slot)
             if before.bank_rng is not None:
                 bank.set_rng_state(before.bank_rng)
+        self.memory_changed(obj_id)

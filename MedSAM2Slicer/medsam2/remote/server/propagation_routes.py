@@ -4,7 +4,8 @@ Lines: {"type": "wait", "waiting": n} every HEARTBEAT_S while nothing else is sa
 GPU, or a long frame); {"type": "progress", "axis", "frame", "done", "total"} for each frame
 finished on any axis of a fused run (axes="all"); {"type": "frame", "frame": f, "index": i,
 "masks": {obj_id: mask | {"same": digest}}} for each finished frame; then {"type": "end",
-"frames": n, "cancelled": bool}, or {"type": "error", "status": s, "error": kind, "message": text}.
+"frames": n, "cancelled": bool, "report": where and why each direction stopped
+(PropagationReport.as_dict)}, or {"type": "error", "status": s, "error": kind, "message": text}.
 A disconnect or `.../propagate/cancel` stops the engine within one frame and frees the GPU.
 """
 
@@ -81,6 +82,8 @@ class PropagationRun:
                 cancel = threading.Event()
                 stop = tuple(req.stop) if isinstance(req.stop, (list, tuple)) else req.stop
                 extra = {} if req.axes is None else {"axes": req.axes}
+                if req.until is not None:
+                    extra["until"] = req.until
                 with engine_errors():
                     items = sess.engine.propagate(direction=req.direction, start=req.start, stop=stop,
                                                   cancel=cancel, **extra)
@@ -119,7 +122,9 @@ class PropagationRun:
             finally:
                 sess.cancel = None
                 sess.lock.release()
-            self._put({"type": "end", "frames": self.frames, "cancelled": cancelled})
+            report = getattr(sess.engine, "last_propagation", None)
+            self._put({"type": "end", "frames": self.frames, "cancelled": cancelled,
+                       **({} if report is None else {"report": report.as_dict()})})
         except InputError as exc:
             self._put({"type": "error", "status": 400, **input_error(exc).body()})
         except Exception as exc:  # the stream is already 200: report in-band

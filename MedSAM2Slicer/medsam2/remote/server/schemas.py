@@ -63,6 +63,19 @@ class PropagateRequest(BaseModel):
     axes: Optional[Literal[AXES]] = Field(
         None, description='"all": propagate along the three axes of the volume and fuse (progress lines first, '
                           'then every fused frame)')
+    until: Optional[str] = Field(
+        None, description='"agreement" (default with start: stop each direction where the new masks agree with the '
+                          'previous ones) or "conditioning" (run on to the next prompted frame or the end)')
+
+
+class PrepareRequest(BaseModel):
+    frame: int = Field(..., description="the slice a view shows: a click there will run only the prompt "
+                                        "encoder and mask decoder")
+
+
+class PrepareResponse(BaseModel):
+    frame: int
+    prepared: bool = Field(..., description="false: the session was busy (a propagation runs); nothing was done")
 
 
 class ReviewRecord(BaseModel):

@@ -21,7 +21,8 @@ from ...prompt import Prompt
 from .. import wire
 from .errors import ApiError, ServerErrorRoute, engine_errors
 from .limits import Limits
-from .schemas import ApiErrorBody, ObjIds, OpenRequest, PromptRequest, PromptResponse, Review, SessionInfo
+from .schemas import (ApiErrorBody, ObjIds, OpenRequest, PrepareRequest, PrepareResponse, PromptRequest,
+                      PromptResponse, Review, SessionInfo)
 from .state import OpenSession, ServerState, close_engine, state_of
 from .volume_routes import check_digest
 
@@ -96,6 +97,23 @@ def add_prompt(sid: str, req: PromptRequest, state: ServerState = Depends(state_
         state.count("prompts")
         return {"frame": req.frame, "obj_id": req.obj_id, "mask": wire.encode_mask(mask, packed),
                 "obj_ids": sess.obj_ids()}
+
+
+@router.post("/sessions/{sid}/prepare", tags=["prompts"], response_model=PrepareResponse,
+             summary="make a click on this frame cheap (its memory-conditioned features, computed now)")
+def prepare(sid: str, req: PrepareRequest, state: ServerState = Depends(state_of)):
+    with state.session(sid) as sess:
+        # Preparing yields to real work: with this session busy (a propagation, which changes the
+        # memory a preparation would use anyway) or the GPU taken or queued for, nothing is done.
+        if state.gpu.locked() or state.gpu.waiting() or not sess.lock.acquire(blocking=False):
+            return {"frame": req.frame, "prepared": False}
+        try:
+            with state.gpu.hold(), engine_errors():
+                sess.engine.prepare(req.frame)
+        finally:
+            sess.touch()
+            sess.lock.release()
+        return {"frame": req.frame, "prepared": True}
 
 
 def check_room_for(sess: OpenSession, obj_id: int, limits: Limits) -> None:
