@@ -319,7 +319,7 @@ def test_an_engine_bug_is_a_500_with_its_traceback_in_the_log(server, client, lo
     def broken_lookup(self, frame):
         raise KeyError("bank entry 7")
 
-    def broken_tracking(self, frame, reverse, probabilities):
+    def broken_tracking(self, frame, *args):
         raise TypeError("unsupported operand for the memory attention")
 
     monkeypatch.setattr(Session, "frame_masks", broken_lookup)

@@ -91,7 +91,10 @@ def test_unchanged_frames_travel_as_digests_and_missed_ones_are_fetched(model, c
     r = httpx.post(f"{server.url}/v1/sessions/{remote.id}/propagate", json={}, headers=AUTH, timeout=60)
     events = [json.loads(line) for line in r.text.splitlines() if line]
     frames = [e for e in events if e["type"] == "frame"]
-    assert events[-1] == {"type": "end", "frames": len(frames), "cancelled": False}
+    end = events[-1]
+    assert {k: end[k] for k in ("type", "frames", "cancelled")} == {"type": "end", "frames": len(frames), "cancelled": False}
+    # where and why each pass stopped
+    assert {d["direction"]: d["reason"] for d in end["report"]["directions"]} == {"forward": "end", "backward": "end"}
     assert [e["frame"] for e in frames] == [3, 4, 5, 2, 1, 0]  # each frame once; the prompted one backwards
     local_frames = dict(local.propagate())
     for e in frames:

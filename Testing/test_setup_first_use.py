@@ -62,7 +62,7 @@ def test_a_medsam2_that_is_not_ours_is_left_alone(home):
 
 def test_install_sh_installs_the_web_extra_by_default_and_links_last():
     lines = [line.strip() for line in (ROOT / "scripts" / "install.sh").read_text().splitlines()]
-    assert 'pip_install -e ".[web]"' in lines and 'pip_install -e ".[test,web]"' in lines
+    assert 'pip_install -e ".[web]"' in lines and 'pip_install -e ".[test,web,batch]"' in lines
     assert lines[-1] == "bash scripts/link_command.sh"
 
 
