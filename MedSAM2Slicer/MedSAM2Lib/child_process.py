@@ -112,6 +112,15 @@ class ChildProcess:
             raise ChildGone(str(exc)) from None
         return True
 
+    def flush(self) -> None:
+        """Write what is queued now, as far as the socket takes it without blocking (a cancel
+        should not wait for the next tick)."""
+        if self._sock is not None:
+            try:
+                self._flush()
+            except (ConnectionError, OSError):
+                pass  # the next pump() reports the broken connection
+
     def exited(self) -> bool:
         """The process is gone and every message it sent has been read."""
         return self.proc.poll() is not None and not self.reader.pending()

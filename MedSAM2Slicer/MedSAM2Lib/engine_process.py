@@ -230,6 +230,7 @@ class ChildEngine:
     def _cancel(self, request: Request) -> None:
         if request.id in self._requests and self._child is not None:
             self._child.send({"op": "cancel", "target": request.id})
+            self._child.flush()  # leaves now: the engine stops within the slice it is on
 
     def open(self, frames: np.ndarray, memory: str = "self-sorting", window=None, image_set: bool = False
              ) -> ChildSession:
