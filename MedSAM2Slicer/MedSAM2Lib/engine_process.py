@@ -216,10 +216,15 @@ class ChildEngine:
         self._stop_child(timeout=0.5)
 
     # -- requests ------------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        """A stopped or failed engine starts a child; a closed one refuses (start() raises)."""
+        if self.state in ("stopped", "failed", "closed"):
+            self.start()
+
     def request(self, op: str, fields: dict, payload=b"", stream: bool = False) -> Request:
         """Send one request to the child (starting it if needed); returns at once."""
-        if op != "start" and self.state in ("stopped", "failed", "closed"):
-            self.start()
+        if op != "start":
+            self._ensure_started()
         request = Request(op, stream, on_cancel=self._cancel)
         self._ids += 1
         request.id = self._ids
@@ -236,8 +241,7 @@ class ChildEngine:
              ) -> ChildSession:
         """Open an engine session on `frames` (slices, rows, cols); returns at once. Requests on the
         session may be made right away: the child runs them in order after the open."""
-        if self.state in ("stopped", "failed", "closed"):
-            self.start()
+        self._ensure_started()
         self._handles += 1
         frames = np.asarray(frames)
         handle = ChildSession(self, self._handles, frames.shape[0], frames.shape[1:])
@@ -338,8 +342,7 @@ class ChildEngine:
 
     def wait_ready(self, timeout: float | None = None) -> dict:
         """Start the child if needed and wait until the model is loaded; returns its info."""
-        if self.state in ("stopped", "failed", "closed"):
-            self.start()
+        self._ensure_started()
         start = next((r for r in self._requests.values() if r.op == "start"), None)
         if start is not None:
             self.wait(start, timeout)
