@@ -222,8 +222,9 @@ def prompt_ras(volume, values):
 
 def application_logic(scene):
     """The scene's vtkSlicerApplicationLogic, made once the way Slicer's startup makes it: default
-    colour tables and the Colors module logic (volumes get the Grey table), the Segmentations logic
-    of new_scene, an empty slice logic collection (a bare application logic has none) and the slice
+    colour tables and the Colors module logic (volumes get the Grey table), the Segmentations and
+    Markups logics of new_scene (the markups displayable managers make their widgets through the
+    latter), an empty slice logic collection (a bare application logic has none) and the slice
     orientation presets (needed before any slice node is added)."""
     import slicer
     import vtk
@@ -241,6 +242,10 @@ def application_logic(scene):
     if segmentations is not None:
         segmentations.SetMRMLApplicationLogic(app)
         app.SetModuleLogic("Segmentations", segmentations)
+    markups = getattr(scene, "_medsam2_markups", None)
+    if markups is not None:
+        markups.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic("Markups", markups)
     app.SetSliceLogics(vtk.vtkCollection())
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
     scene._medsam2_app_logic = app

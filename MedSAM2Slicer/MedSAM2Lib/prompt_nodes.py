@@ -97,7 +97,9 @@ class PromptNodes:
         roi.SetXYZ(*((a + b) / 2))
         roi.SetRadiusXYZ(*np.maximum(np.abs(b - a) / 2, 0.5))
         roi.SetLocked(True)
-        display = roi.GetDisplayNode()  # an outline only: no handles or name that look like prompts
+        roi.SetNthControlPointVisibility(0, False)  # its centre dot would look like a point prompt
+        display = roi.GetDisplayNode()  # an outline only: the mask inside stays visible, no handles or name
+        display.SetFillVisibility(False)
         display.SetHandlesInteractive(False)
         display.SetPropertiesLabelVisibility(False)
         return roi

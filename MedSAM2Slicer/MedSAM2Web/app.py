@@ -93,7 +93,6 @@ class WebApp:
             "review_cells": [], "review_flagged": 0, "review_min_confidence": MIN_CONFIDENCE,
         })
         s.change("review_min_confidence")(lambda review_min_confidence, **_: self._set_review_rule(review_min_confidence))
-        s.change("tool")(lambda tool, **_: self.tools.set_tool(tool or None))
         s.change("layout_name")(lambda layout_name, **_: self._set_layout(layout_name))
 
     def _refresh(self):
@@ -152,8 +151,7 @@ class WebApp:
         s.window_width, s.window_level = (round(v, 1) for v in scene.window_level(loaded.node))
         s.saved, s.error = False, ""
         s.segment_id = None
-        s.tool = FIRST_TOOL
-        self.tools.set_tool(FIRST_TOOL)  # now, not at the state's next flush: a click may come first
+        self.choose_tool(FIRST_TOOL)
         self._refresh_segments()
         for view in self.slicer.view_manager.get_slice_views():
             self._show_slice_number(view)
@@ -306,6 +304,14 @@ class WebApp:
         self.segmenter.set_review_rule(value)
         self._refresh()
 
+    def choose_tool(self, tool: str | None) -> None:
+        """The prompt tool for the next press in a view, taken now. The page's buttons and keys call
+        this as a trigger: the browser holds back a state change while the view has requests in
+        flight (trame flushes state only when idle), so a press right after choosing Box would still
+        reach the views with the old tool and place a point."""
+        self.tools.set_tool(tool or None)
+        self.state.tool = tool or None
+
     def on_key(self, combo: str, view_name: str | None = None) -> None:
         """A key pressed on the page; view_name: the slice view under the mouse, if any."""
         if combo in page.SLICE_KEYS:
@@ -313,7 +319,7 @@ class WebApp:
             return views.step_slice(view or self.slicer.view_manager.get_view("Red"), page.SLICE_KEYS[combo])
         action, arg = KEYS.get(combo, (None, None))
         if action == "tool":
-            self.state.tool = arg
+            self.choose_tool(arg)
         elif action == "next_uncertain_slice":
             self.next_uncertain_slice(arg == "backward")
         elif action == "propagate":

@@ -74,7 +74,7 @@ def build(app) -> VAppLayout:
         with v3.VNavigationDrawer(permanent=True, width=DRAWER_WIDTH, raw_attrs=aria("MedSAM2 panel")):
             with html.Div(classes="pa-3 d-flex flex-column ga-3"):
                 _segments(app)
-                _prompts()
+                _prompts(app)
                 _propagation(app)
                 _review(app)
                 _history_and_progress(app)
@@ -130,7 +130,7 @@ def _segments(app):
         html.Span("Add segment")
 
 
-def _prompts():
+def _prompts(app):
     _section("Prompts (click or drag in a slice view)")
     with html.Div(classes="d-flex flex-wrap ga-1", raw_attrs=['role="group"', 'aria-label="Prompt tool"']):
         for value, text, icon, key in (("include", "Include point", "mdi-plus-circle", "I"),
@@ -138,7 +138,7 @@ def _prompts():
                                        ("box", "Box", "mdi-selection", "O")):
             with v3.VBtn(size="small", variant=(f"tool === '{value}' ? 'flat' : 'outlined'",),
                          color=(f"tool === '{value}' ? 'primary' : undefined",),
-                         click=f"tool = tool === '{value}' ? null : '{value}'",
+                         click=(app.choose_tool, f"[tool === '{value}' ? null : '{value}']"),
                          raw_attrs=[f'title="{text} ({key})"', f':aria-pressed="tool === \'{value}\'"']):
                 v3.VIcon(icon, start=True)
                 html.Span(text)
