@@ -124,6 +124,25 @@ def segment_array(scene, segmentation, segment_id, volume):
         scene.RemoveNode(labelmap)
 
 
+def paint_segment(segmentation, segment_id, volume, kji_mask, mode="replace"):
+    """Write `kji_mask` (on the volume's voxel grid) into the segment the way a Segment Editor effect
+    does: through Slicer's own SetBinaryLabelmapToSegment; mode "replace" or "merge_max"."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    shape = np.asarray(kji_mask).shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    image.SetImageToWorldMatrix(m)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.asarray(kji_mask, np.uint8).ravel(), deep=True))
+    modes = {"replace": logic.MODE_REPLACE, "merge_max": logic.MODE_MERGE_MAX}
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, modes[mode])
+
+
 def ras_to_ijk(volume, ras):
     """RAS (world) -> continuous IJK through Slicer's own matrices and the parent transforms."""
     import vtk

@@ -4,8 +4,6 @@ slice" moving an attached slice view (the random-weight model in this process)."
 
 import warnings
 
-import numpy as np
-
 import slicer_fixtures as sf
 from MedSAM2Lib.geometry import slice_view_center
 
@@ -30,22 +28,10 @@ def _shown_slice(volume, view):
 
 def _paint(volume, segmentation, segment_id, k, rows, cols):
     """A small blob on slice k, written the way a Segment Editor effect writes (Slicer's own logic)."""
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
-    shape = tuple(reversed(volume.GetImageData().GetDimensions()))
-    painted = sf.segment_array(volume.GetScene(), segmentation, segment_id, volume).astype(np.uint8)
-    painted[k] = 0
-    painted[k, rows[0]:rows[1], cols[0]:cols[1]] = 1
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    image.SetImageToWorldMatrix(m)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(painted.ravel(), deep=True))
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, segmentation, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    painted = sf.segment_array(volume.GetScene(), segmentation, segment_id, volume)
+    painted[k] = False
+    painted[k, rows[0]:rows[1], cols[0]:cols[1]] = True
+    sf.paint_segment(segmentation, segment_id, volume, painted)
 
 
 def test_the_review_follows_the_segment_and_next_uncertain_slice_moves_the_view(model, ct_volume):

@@ -362,22 +362,11 @@ def test_engine_forgets_an_undone_prompt_before_the_next_one(recorder, model):
 
 
 def test_edited_slice_becomes_the_mask_prompt_and_stays_as_painted(recorder):
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
     scene, volume, segmentation, (seg_a, seg_b) = _scene_for("permuted")
     # paint slice k=2 of segment A the way a Segment Editor effect does (Slicer's own logic)
     painted = np.zeros(SHAPE, np.uint8)
     painted[2, 3:9, 4:11] = 1
-    image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
-    m = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(m)
-    image.SetImageToWorldMatrix(m)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(painted.ravel(), deep=True))
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        image, segmentation, seg_a, slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)
+    sf.paint_segment(segmentation, seg_a, volume, painted, mode="merge_max")
     session = _session(volume, segmentation, seg_a, recorder)
     normal = NORMALS["sagittal"]  # K runs along -R in the permuted volume
     action = session.use_edited_slice(sf.ijk_to_ras(volume, (6, 6, 2)), slice_normal=normal)

@@ -31,14 +31,8 @@ UPLOAD_MB = 2  # the 15-slice crop is 0.5 MB
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, random_checkpoint, ct_path):
-    import SimpleITK as sitk
-
     folder = tmp_path_factory.mktemp("web")
-    volume = folder / "chest.nrrd"
-    sitk.WriteImage(sitk.ReadImage(str(ct_path))[:, :, FIRST_SLICE:FIRST_SLICE + SLICES], str(volume))
-    token_file = folder / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
+    volume, token_file = web.site_files(folder, ct_path, FIRST_SLICE, SLICES, TOKEN)
     # --output relative to the folder the server runs in: the page (and the README's screenshot) shows
     # "chest.seg.nrrd", not the test's temporary folder
     output = folder / "chest.seg.nrrd"

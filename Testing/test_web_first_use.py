@@ -24,14 +24,8 @@ VIEWPORT = {"width": 1280, "height": 800}
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, ct_path):
-    import SimpleITK as sitk
-
     folder = tmp_path_factory.mktemp("web-first-use")
-    volume = folder / "chest.nrrd"
-    sitk.WriteImage(sitk.ReadImage(str(ct_path))[:, :, FIRST_SLICE:FIRST_SLICE + SLICES], str(volume))
-    token_file = folder / "token"
-    token_file.write_text(TOKEN + "\n")
-    token_file.chmod(0o600)
+    volume, token_file = web.site_files(folder, ct_path, FIRST_SLICE, SLICES, TOKEN)
     # as the README says it, offline: --random-weights, and --output relative to where it runs
     server = web.WebServer([volume, "--model", "sam2.1_hiera_tiny", "--random-weights", "--device", "cpu",
                             "--image-size", "256", "--output", "chest.seg.nrrd", "--page-token-file", token_file],

@@ -85,6 +85,19 @@ class WebServer:
         self.stop()
 
 
+def site_files(folder: Path, ct_path, first_slice: int, slices: int, token: str) -> tuple[Path, Path]:
+    """A web test's inputs in `folder`: `slices` slices of the CT from `first_slice` as chest.nrrd,
+    and the page token in a file only its owner reads, as `--page-token-file` wants it."""
+    import SimpleITK as sitk
+
+    volume = Path(folder) / "chest.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct_path))[:, :, first_slice:first_slice + slices], str(volume))
+    token_file = Path(folder) / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    return volume, token_file
+
+
 def launch_chromium(playwright):
     """Debian's Chromium, headless (root needs --no-sandbox)."""
     if not os.path.exists(CHROMIUM):
